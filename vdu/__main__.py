@@ -1,0 +1,73 @@
+"""Command line: ``python -m vdu {pretrain,export,posterior,evaluator,card} ...`` (see README)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+
+def _add_config_args(p: argparse.ArgumentParser, cls) -> None:
+    for f in dataclasses.fields(cls):
+        if f.type in ("dict",) or f.name == "model_overrides":
+            continue
+        default = f.default
+        if f.type == "bool":
+            p.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=default)
+        else:
+            typ = {"int": int, "float": float}.get(f.type.split(" |")[0], str)
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=typ, default=default)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .training import TrainConfig
+
+    ap = argparse.ArgumentParser(prog="python -m vdu")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pretrain", help="train or resume a DDPM (vdu.training.TrainConfig)")
+    _add_config_args(p, TrainConfig)
+    p = sub.add_parser("export", help="export the current EMA weights of a (possibly unfinished) run")
+    p.add_argument("run_dir")
+    p.add_argument("--to", default=None)
+    p = sub.add_parser("posterior", help="K-checkpoint posterior statistics (vdu.posterior)")
+    p.add_argument("model_dir")
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--method", default="snapshots", choices=["snapshots", "continuations"])
+    p.add_argument("--continuation-steps", type=int, default=200)
+    p = sub.add_parser("evaluator", help="train the evaluator classifier of a dataset (vdu.evaluator)")
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("card", help="evaluate a model and write card.json + samples.png (vdu.cards)")
+    p.add_argument("model_dir")
+    p.add_argument("--evaluator", required=True)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps for the samples")
+    p.add_argument("--nll-images", type=int, default=256)
+    p.add_argument("--command", default=" ".join(["python", "-m", "vdu"] + (argv or sys.argv[1:])))
+    a = ap.parse_args(argv)
+
+    if a.cmd == "pretrain":
+        from .training import pretrain
+        kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(a, f.name)}
+        print(pretrain(TrainConfig(**kw)))
+    elif a.cmd == "export":
+        from .training import export_ema
+        print(export_ema(a.run_dir, a.to))
+    elif a.cmd == "posterior":
+        from .posterior import make_posterior
+        print(make_posterior(a.model_dir, a.run_dir, a.k, a.method, a.continuation_steps))
+    elif a.cmd == "evaluator":
+        from .evaluator import train_evaluator
+        print(json.dumps(train_evaluator(a.dataset, a.out, epochs=a.epochs, seed=a.seed), indent=2))
+    elif a.cmd == "card":
+        from .cards import model_card
+        print(json.dumps(model_card(a.model_dir, a.evaluator, n=a.n, ddim_steps=a.steps,
+                                    nll_images=a.nll_images, command=a.command), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Diffusers ``UNet2DModel`` + ``DDPMScheduler`` presets, loading and saving (methods.md §0).
+
+A model folder is a diffusers pipeline folder: ``unet/`` (config + safetensors) and ``scheduler/``,
+so ``DDPMPipeline.from_pretrained(folder)`` opens ours and ``load_model`` opens hub pipelines such
+as ``google/ddpm-cifar10-32`` once they are in the local cache or a local folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from .data import check_dataset
+
+# Architecture per dataset. Class-conditional models add ``num_class_embeds = classes + 1``: the
+# last id is the null class used for classifier-free guidance.
+PRESETS = {
+    "mnist": dict(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1,
+                  block_out_channels=(32, 64, 128), norm_num_groups=8,
+                  down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+    "cifar10": dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                    block_out_channels=(64, 128, 128, 256), norm_num_groups=32,
+                    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+}
+PRESETS["tinyimagenet"] = PRESETS["cifar10"]
+NUM_CLASSES = {"mnist": 10, "cifar10": 10, "tinyimagenet": 10}
+
+
+def build_unet(dataset: str, conditional: bool = False, **overrides) -> UNet2DModel:
+    """A fresh UNet for ``dataset``; ``conditional`` adds a class embedding with a null class."""
+    check_dataset(dataset)
+    cfg = dict(PRESETS[dataset], **overrides)
+    if conditional:
+        cfg.setdefault("num_class_embeds", NUM_CLASSES[dataset] + 1)
+    return UNet2DModel(**cfg)
+
+
+def build_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear") -> DDPMScheduler:
+    """DDPM noise schedule (Ho et al. linear betas 1e-4..0.02 by default), epsilon prediction."""
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                         prediction_type="epsilon", variance_type="fixed_small", clip_sample=True)
+
+
+def null_class(unet: UNet2DModel) -> int | None:
+    """The null (unconditional) class id of a class-conditional UNet, ``None`` if unconditional."""
+    n = unet.config.num_class_embeds
+    return None if n is None else n - 1
+
+
+def check_images(unet: UNet2DModel, images: torch.Tensor) -> None:
+    """Raise a clear ValueError if ``images`` do not match the model's channels and size."""
+    if images.ndim != 4:
+        raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
+    c, size = unet.config.in_channels, unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if images.shape[1] != c or tuple(images.shape[2:]) != size:
+        raise ValueError(f"images of shape {tuple(images.shape[1:])} do not match the model, which expects "
+                         f"({c}, {size[0]}, {size[1]})")
+
+
+def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "cpu",
+               local_files_only: bool = True) -> tuple[UNet2DModel, DDPMScheduler]:
+    """Load (unet, scheduler) from a local pipeline/model folder or a hub id via ``from_pretrained``.
+
+    ``local_files_only=True`` (the default here: no network) reads only local folders and the
+    Hugging Face cache; a missing model raises FileNotFoundError saying what to download where.
+    """
+    src = str(path_or_id)
+    local = Path(src)
+    if local.exists():
+        sub = "unet" if (local / "unet").is_dir() else None
+        if not (local / (sub or "") / "config.json").exists():
+            raise FileNotFoundError(f"{local} holds no diffusers UNet (expected unet/config.json or config.json)")
+    else:
+        if src.startswith((".", "/", "~")) or src.count("/") != 1:
+            raise FileNotFoundError(f"model folder {src!r} does not exist")
+        sub = "unet"
+    try:
+        try:
+            unet = UNet2DModel.from_pretrained(src, subfolder=sub, local_files_only=local_files_only)
+        except (OSError, EnvironmentError):
+            if local.exists():
+                raise
+            unet = UNet2DModel.from_pretrained(src, local_files_only=local_files_only)
+            sub = None
+    except (OSError, EnvironmentError) as e:
+        if local.exists():
+            raise ValueError(f"checkpoint at {local} is corrupt or incomplete: {e}") from e
+        raise FileNotFoundError(
+            f"model {src!r} is neither a local folder nor in the Hugging Face cache. On a machine with "
+            f"network run `huggingface-cli download {src}` (or DDPMPipeline.from_pretrained({src!r})"
+            f".save_pretrained(folder)) and pass that folder here.") from e
+    except Exception as e:  # safetensors / json errors of a damaged file
+        raise ValueError(f"checkpoint at {src} is corrupt or incomplete: {e}") from e
+    sched_sub = "scheduler" if sub == "unet" else None
+    try:
+        scheduler = DDPMScheduler.from_pretrained(src, subfolder=sched_sub, local_files_only=local_files_only)
+    except (OSError, EnvironmentError):
+        scheduler = build_scheduler()
+    return unet.to(device).eval(), scheduler
+
+
+def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | os.PathLike, **extra_json) -> Path:
+    """Atomically save a pipeline folder (``unet/``, ``scheduler/``, ``model_index.json``).
+
+    Extra keyword arguments are written as JSON files (e.g. ``card={...}`` -> ``card.json``).
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    scheduler.save_pretrained(tmp / "scheduler")
+    index = {"_class_name": "DDPMPipeline", "_diffusers_version": unet.config.get("_diffusers_version", ""),
+             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    for name, obj in extra_json.items():
+        (tmp / f"{name}.json").write_text(json.dumps(obj, indent=2))
+    if folder.exists():
+        for p in folder.iterdir():  # keep files we do not own (sample grids, posterior)
+            if not (tmp / p.name).exists():
+                shutil.move(str(p), tmp / p.name)
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, folder)
+    return folder
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,122 @@
+"""Diagonal Gaussian approximation of the pretrained posterior p(theta | D) from K checkpoints (methods.md §1).
+
+``mu*_i`` and ``sigma*_i^2`` are the per-parameter mean and (floored) variance over K weight sets.
+Two documented ways to get the K sets, switchable in ``make_posterior``:
+
+- ``"snapshots"`` (default, free): the K late raw-weight snapshots of one pretraining run, spaced
+  ``snapshot_every`` steps apart (SWAG-diagonal). Their spread measures how far SGD wanders around
+  the solution at the end of training.
+- ``"continuations"``: K short continuations of pretraining from the final weights with different
+  seeds (independent minibatch noise), as in the measurement quoted in methods.md §1. Costs K x
+  ``steps`` extra training steps.
+
+The file stores ``mean.<name>``, ``var.<name>`` and ``deployed.<name>`` (the EMA weights actually
+served, theta*) so VDU can use either centre for its regulariser.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+VAR_FLOOR = 1e-8
+
+
+def gaussian_from_checkpoints(state_dicts: list[dict], var_floor: float = VAR_FLOOR) -> tuple[dict, dict]:
+    """Per-parameter mean and unbiased variance (floored at ``var_floor``) over K >= 2 state dicts."""
+    if len(state_dicts) < 2:
+        raise ValueError(f"need K >= 2 checkpoints for a variance, got {len(state_dicts)}")
+    keys = list(state_dicts[0])
+    for sd in state_dicts[1:]:
+        if list(sd) != keys or any(sd[k].shape != state_dicts[0][k].shape for k in keys):
+            raise ValueError("checkpoints do not share one architecture (parameter names or shapes differ)")
+    mean, var = {}, {}
+    for k in keys:
+        stack = torch.stack([sd[k].float() for sd in state_dicts])
+        mean[k] = stack.mean(0)
+        var[k] = stack.var(0, unbiased=True).clamp_min(var_floor)
+    return mean, var
+
+
+def save_posterior(path: str | os.PathLike, mean: dict, var: dict, deployed: dict, k: int, method: str) -> Path:
+    """Write the posterior statistics as one safetensors file (atomically)."""
+    path = Path(path)
+    tensors = {}
+    for prefix, d in (("mean", mean), ("var", var), ("deployed", deployed)):
+        tensors.update({f"{prefix}.{n}": v.detach().float().cpu().contiguous() for n, v in d.items()})
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata={"k": str(k), "method": method, "var_floor": str(VAR_FLOOR)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_posterior(path: str | os.PathLike, model: torch.nn.Module | None = None) -> dict:
+    """Read a posterior file -> ``{"mean", "var", "deployed": {name: tensor}, "k", "method"}``.
+
+    With ``model`` given, checks that every trainable parameter has statistics of its shape and
+    raises a ValueError naming the first mismatch (a posterior made for another architecture)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"posterior file {path} not found (make it with `python -m vdu posterior`)")
+    try:
+        flat = load_file(path)
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise ValueError(f"posterior file {path} is corrupt: {e}") from e
+    out = {"mean": {}, "var": {}, "deployed": {}}
+    for key, v in flat.items():
+        prefix, name = key.split(".", 1)
+        out[prefix][name] = v
+    out["k"], out["method"] = int(meta.get("k", 0)), meta.get("method", "?")
+    if model is not None:
+        for name, p in model.named_parameters():
+            if name not in out["mean"]:
+                raise ValueError(f"posterior {path} has no statistics for parameter {name!r}: "
+                                 f"it was made for a different architecture")
+            if out["mean"][name].shape != p.shape:
+                raise ValueError(f"posterior {path}: parameter {name!r} has shape {tuple(out['mean'][name].shape)} "
+                                 f"there but {tuple(p.shape)} in the model: a different architecture")
+    return out
+
+
+def make_posterior(model_dir: str | os.PathLike, run_dir: str | os.PathLike | None = None, k: int = 4,
+                   method: str = "snapshots", continuation_steps: int = 200, continuation_lr: float = 1e-4,
+                   out: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Build ``model_dir/posterior.safetensors`` from K checkpoints (see module docstring)."""
+    from .models import load_model
+    from .training import TrainConfig, pretrain, snapshot_files
+
+    model_dir = Path(model_dir)
+    unet, _ = load_model(model_dir)
+    deployed = {n: p.detach() for n, p in unet.named_parameters()}
+    if method == "snapshots":
+        if run_dir is None:
+            raise ValueError("method='snapshots' needs the pretraining run folder (run_dir)")
+        files = snapshot_files(run_dir)[-k:]
+        if len(files) < k:
+            raise ValueError(f"{run_dir} holds {len(files)} snapshots, fewer than K={k}")
+        sds = [load_file(f) for f in files]
+    elif method == "continuations":
+        import json
+        base = json.loads((model_dir / "train.json").read_text())["config"]
+        sds = []
+        for i in range(k):
+            cfg = TrainConfig(**{**base, "init": str(model_dir), "seed": 1000 + i, "steps": continuation_steps,
+                                 "warmup": 1, "lr": continuation_lr, "lr_final_frac": 1.0, "k_snapshots": 1,
+                                 "snapshot_every": continuation_steps, "checkpoint_every": continuation_steps,
+                                 "out": str(model_dir.parent / f".continuation{i}"),
+                                 "export": str(model_dir.parent / f".continuation{i}/model")})
+            pretrain(replace(cfg), progress=progress)
+            sds.append(load_file(snapshot_files(cfg.out)[-1]))
+    else:
+        raise ValueError(f"method must be 'snapshots' or 'continuations', got {method!r}")
+    names = set(deployed)
+    sds = [{n: v for n, v in sd.items() if n in names} for sd in sds]
+    mean, var = gaussian_from_checkpoints(sds)
+    return save_posterior(out or model_dir / "posterior.safetensors", mean, var, deployed, k, method)
