@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps for the samples")
     p.add_argument("--nll-images", type=int, default=256)
-    p.add_argument("--command", default=" ".join(["python", "-m", "vdu"] + (argv or sys.argv[1:])))
     a = ap.parse_args(argv)
 
     if a.cmd == "pretrain":
@@ -61,11 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         print(make_posterior(a.model_dir, a.run_dir, a.k, a.method, a.continuation_steps))
     elif a.cmd == "evaluator":
         from .evaluator import train_evaluator
-        print(json.dumps(train_evaluator(a.dataset, a.out, epochs=a.epochs, seed=a.seed), indent=2))
+        print(json.dumps(train_evaluator(a.dataset, a.out, epochs=a.epochs, seed=a.seed,
+                                                command=" ".join(["python -m vdu"] + (argv or sys.argv[1:]))), indent=2))
     elif a.cmd == "card":
         from .cards import model_card
         print(json.dumps(model_card(a.model_dir, a.evaluator, n=a.n, ddim_steps=a.steps,
-                                    nll_images=a.nll_images, command=a.command), indent=2))
+                                    nll_images=a.nll_images,
+                                    command=" ".join(["python -m vdu"] + (argv or sys.argv[1:])))), indent=2))
     return 0
 
 

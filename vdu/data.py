@@ -153,7 +153,7 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     key = "train" if split == "train" else spec["test"]
     with np.load(path) as z:
         x, y = z[f"x_{key}"], z[f"y_{key}"]
-        classes = [str(c) for c in (z["class_names"] if "class_names" in z else z["classes"])]
+        classes = [str(c).split(",")[0].strip() for c in (z["class_names"] if "class_names" in z else z["classes"])]
     data = ImageData(to_tensor(x), torch.as_tensor(y, dtype=torch.long), classes, name)
     if data.shape != spec["shape"]:
         raise ValueError(f"{path}: images have shape {data.shape}, expected {spec['shape']}")

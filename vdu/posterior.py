@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 VAR_FLOOR = 1e-8
@@ -67,7 +67,7 @@ def load_posterior(path: str | os.PathLike, model: torch.nn.Module | None = None
         from safetensors import safe_open
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"posterior file {path} is corrupt: {e}") from e
     out = {"mean": {}, "var": {}, "deployed": {}}
     for key, v in flat.items():

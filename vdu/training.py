@@ -51,6 +51,15 @@ class TrainConfig:
     max_train: int | None = None      # use only this many training images (smoke runs)
     model_overrides: dict = field(default_factory=dict)  # UNet2DModel kwargs on top of the preset
 
+    def command(self) -> str:
+        """The ``python -m vdu pretrain`` command line that reproduces this config."""
+        args = []
+        for k, v in asdict(self).items():
+            if k != "model_overrides" and v != getattr(TrainConfig, k, None):
+                flag = "--" + k.replace("_", "-")
+                args.append(flag if v is True else f"--no-{flag[2:]}" if v is False else f"{flag} {v}")
+        return " ".join(["python -m vdu pretrain"] + args)
+
     def snapshot_steps(self) -> list[int]:
         first = self.steps - (self.k_snapshots - 1) * self.snapshot_every
         return [s for s in range(first, self.steps + 1, self.snapshot_every) if s > 0][: self.k_snapshots]

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, tiny_unet
+from vdu.data import load_dataset
+from vdu.posterior import gaussian_from_checkpoints, load_posterior, make_posterior
+from vdu.training import TrainConfig, pretrain, snapshot_files
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return load_dataset("mnist", "test").take(256, seed=0)
+
+
+def _cfg(out, **kw):
+    base = dict(steps=6, batch_size=16, lr=1e-3, warmup=2, checkpoint_every=2, log_every=2, k_snapshots=3,
+                snapshot_every=1, out=str(out), model_overrides=TINY)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, small_data):
+    full = pretrain(_cfg(tmp_path / "a"), data=small_data, progress=False)
+    pretrain(_cfg(tmp_path / "b"), data=small_data, until=3, progress=False)  # "killed" after step 3
+    st = torch.load(tmp_path / "b" / "state.pt", weights_only=False)
+    assert st["step"] == 3 and not (tmp_path / "b" / "model").exists()
+    resumed = pretrain(_cfg(tmp_path / "b"), data=small_data, progress=False)
+    a = load_file(full / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [p.name for p in snapshot_files(tmp_path / "a")] == [f"step_000000{i}.safetensors" for i in (4, 5, 6)]
+    sa, sb = snapshot_files(tmp_path / "a"), snapshot_files(tmp_path / "b")
+    assert all(torch.equal(load_file(x)[k], load_file(y)[k]) for x, y in zip(sa, sb) for k in load_file(x))
+    with pytest.raises(ValueError, match="batch_size"):
+        pretrain(_cfg(tmp_path / "b", batch_size=8), data=small_data, progress=False)
+
+
+def test_denoising_loss_decreases(tmp_path, small_data):
+    cfg = _cfg(tmp_path / "c", steps=60, lr=3e-3, warmup=5, log_every=10, checkpoint_every=60, conditional=True)
+    pretrain(cfg, data=small_data, progress=False)
+    log = [json.loads(l) for l in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.6 * log[0]["loss"], log
+
+
+def test_posterior_from_snapshots(tmp_path, small_data):
+    model = pretrain(_cfg(tmp_path / "d"), data=small_data, progress=False)
+    path = make_posterior(model, tmp_path / "d", k=3, progress=False)
+    post = load_posterior(path, tiny_unet())
+    sds = [load_file(f) for f in snapshot_files(tmp_path / "d")]
+    name = "conv_in.weight"
+    stack = torch.stack([sd[name] for sd in sds])
+    assert torch.allclose(post["mean"][name], stack.mean(0))
+    assert torch.allclose(post["var"][name], stack.var(0).clamp_min(1e-8))
+    assert post["k"] == 3 and (post["var"][name] > 0).all()
+    with pytest.raises(ValueError, match="different architecture"):
+        from vdu.models import build_unet
+        load_posterior(path, build_unet("mnist"))
+    with pytest.raises(ValueError, match="fewer than K"):
+        make_posterior(model, tmp_path / "d", k=5, progress=False)
+
+
+def test_posterior_from_continuations(tmp_path, small_data, monkeypatch):
+    import vdu.data
+    monkeypatch.setattr(vdu.data, "load_dataset", lambda *a, **k: small_data)
+    import vdu.training
+    monkeypatch.setattr(vdu.training, "load_dataset", lambda *a, **k: small_data)
+    model = pretrain(_cfg(tmp_path / "e", k_snapshots=2), data=small_data, progress=False)
+    post = load_posterior(make_posterior(model, method="continuations", k=2, continuation_steps=2,
+                                          continuation_lr=1e-2, progress=False))
+    assert post["method"] == "continuations" and post["k"] == 2
+    assert (post["var"]["conv_in.weight"] > 1e-8).any()
+
+
+def test_gaussian_needs_two_matching_checkpoints():
+    a = {"w": torch.zeros(3)}
+    with pytest.raises(ValueError, match="K >= 2"):
+        gaussian_from_checkpoints([a])
+    with pytest.raises(ValueError, match="architecture"):
+        gaussian_from_checkpoints([a, {"w": torch.zeros(4)}])

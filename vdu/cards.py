@@ -1,0 +1,85 @@
+"""Model cards: evaluate a committed model and write ``card.json`` + ``samples.png`` beside it."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+from .data import load_dataset
+from .evaluator import load_evaluator
+from .likelihood import nll_bits_per_dim
+from .metrics import class_histogram, domain_fid, domain_kid
+from .models import load_model, null_class
+from .results import machine
+from .sampling import sample
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 10) -> Path:
+    """Save images in [-1, 1] as a PNG grid."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image((images[: nrow * nrow] + 1) / 2, path, nrow=nrow, padding=1, pad_value=1.0)
+    return path
+
+
+def quality_bar(hist: dict, confident_min: float = 0.9, share_range=(0.05, 0.15)) -> dict:
+    """The foundation issue's bar: >= 90% confident samples and every class within 5-15%."""
+    lo, hi = share_range
+    ok_conf = hist["confident_share"] >= confident_min
+    ok_share = all(lo <= s <= hi for s in hist["shares"])
+    return {"confident_share_ok": ok_conf, "class_shares_ok": ok_share, "met": ok_conf and ok_share,
+            "rule": f"confident(max p >= {hist['threshold']}) >= {confident_min:.0%}, every class in [{lo:.0%}, {hi:.0%}]"}
+
+
+def model_card(model_dir: str | os.PathLike, evaluator_dir: str | os.PathLike, n: int = 1000, ddim_steps: int = 50,
+               nll_images: int = 256, nll_timesteps: int = 100, seed: int = 0, command: str = "",
+               data_root=None, progress: bool = True) -> dict:
+    """Sample ``n`` images from the seed bank, measure class histogram, confident share, domain FID/KID
+    against the test set and the test-set NLL bound; write card.json and samples.png into ``model_dir``."""
+    model_dir = Path(model_dir)
+    unet, sched = load_model(model_dir)
+    ev = load_evaluator(evaluator_dir)
+    train = json.loads((model_dir / "train.json").read_text()) if (model_dir / "train.json").exists() else {}
+    dataset = train.get("config", {}).get("dataset", "mnist")
+    test = load_dataset(dataset, "test", data_root)
+    t0 = time.time()
+    labels = None
+    if null_class(unet) is not None:  # class-conditional: an equal number of samples per class
+        labels = torch.arange(n) % null_class(unet)
+    x = sample(unet, sched, n, seed=seed, steps=ddim_steps, class_labels=labels, progress=progress)
+    sample_s = time.time() - t0
+    hist = class_histogram(ev, x)
+    card_metrics = {
+        "samples": {"n": n, "sampler": f"DDIM {ddim_steps} steps, eta 0", "seed_bank": seed,
+                    "conditional_labels": "i % classes" if labels is not None else None, "wall_s": round(sample_s, 1)},
+        "class_shares": [round(s, 4) for s in hist["shares"]],
+        "confident_share": round(hist["confident_share"], 4),
+        "domain_fid_vs_test": round(domain_fid(ev, x, test.images), 3),
+        "domain_kid_vs_test": [round(v, 5) for v in domain_kid(ev, x, test.images)],
+        "fid_features": f"vdu evaluator penultimate ({ev.num_features}-d), torchmetrics FID/KID, "
+                        f"reference: {len(test)} {dataset} test images",
+        "quality_bar": quality_bar(hist),
+    }
+    if labels is not None:
+        card_metrics["label_accuracy"] = round((hist["labels"] == labels).float().mean().item(), 4)
+    xs = test.take(nll_images, seed=seed)
+    bpd = nll_bits_per_dim(unet, sched, xs.images, class_labels=None if labels is None else
+                           torch.full((len(xs),), null_class(unet)), timesteps=nll_timesteps, progress=progress)
+    card_metrics["test_bits_per_dim"] = {"mean": round(bpd.mean().item(), 4),
+                                         "sem": round((bpd.std() / len(bpd) ** 0.5).item(), 4),
+                                         "images": nll_images, "t_terms": f"stratified, {nll_timesteps}"}
+    from .training import TrainConfig
+    card = {"model": str(model_dir),
+            "command": TrainConfig(**train["config"]).command() if "config" in train else "",
+            "card_command": command,
+            "train_steps": train.get("steps"), "train_finished": train.get("finished", True),
+            "train_wall_s": train.get("wall_s"), "train_device": train.get("device"),
+            "train_config": train.get("config"), "card_machine": machine(),
+            "card_written": time.strftime("%Y-%m-%d %H:%M:%S"), "metrics": card_metrics}
+    save_grid(x[:100] if labels is None else x[torch.argsort(labels[:100], stable=True)], model_dir / "samples.png")
+    (model_dir / "card.json").write_text(json.dumps(card, indent=2))
+    return card
