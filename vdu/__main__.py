@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--init", default=None, help="fine-tune this evaluator folder")
+    p.add_argument("--lr", type=float, default=2e-3)
     p = sub.add_parser("card", help="evaluate a model and write card.json + samples.png (vdu.cards)")
     p.add_argument("model_dir")
     p.add_argument("--evaluator", required=True)
@@ -60,13 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         print(make_posterior(a.model_dir, a.run_dir, a.k, a.method, a.continuation_steps))
     elif a.cmd == "evaluator":
         from .evaluator import train_evaluator
-        print(json.dumps(train_evaluator(a.dataset, a.out, epochs=a.epochs, seed=a.seed,
+        print(json.dumps(train_evaluator(a.dataset, a.out, epochs=a.epochs, seed=a.seed, init=a.init, lr=a.lr,
                                                 command=" ".join(["python -m vdu"] + (argv or sys.argv[1:]))), indent=2))
     elif a.cmd == "card":
         from .cards import model_card
         print(json.dumps(model_card(a.model_dir, a.evaluator, n=a.n, ddim_steps=a.steps,
                                     nll_images=a.nll_images,
-                                    command=" ".join(["python -m vdu"] + (argv or sys.argv[1:])))), indent=2))
+                                    command=" ".join(["python -m vdu"] + (argv or sys.argv[1:]))), indent=2))
     return 0
 
 

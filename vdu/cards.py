@@ -26,6 +26,15 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 10) -> 
     return path
 
 
+def grid_array(images: torch.Tensor, nrow: int | None = None):
+    """Images in [-1, 1] as one (H, W) or (H, W, 3) array in [0, 1] for ``plt.imshow``."""
+    from torchvision.utils import make_grid
+
+    nrow = nrow or int(len(images) ** 0.5)
+    g = make_grid((images[: nrow * nrow] + 1) / 2, nrow=nrow, padding=1, pad_value=1.0).permute(1, 2, 0)
+    return g[..., 0].numpy() if images.shape[1] == 1 else g.numpy()
+
+
 def quality_bar(hist: dict, confident_min: float = 0.9, share_range=(0.05, 0.15)) -> dict:
     """The foundation issue's bar: >= 90% confident samples and every class within 5-15%."""
     lo, hi = share_range
@@ -35,51 +44,62 @@ def quality_bar(hist: dict, confident_min: float = 0.9, share_range=(0.05, 0.15)
             "rule": f"confident(max p >= {hist['threshold']}) >= {confident_min:.0%}, every class in [{lo:.0%}, {hi:.0%}]"}
 
 
+def evaluate(unet, scheduler, evaluator, reference, n: int = 1000, ddim_steps: int = 50, nll_images: int = 256,
+             nll_timesteps: int = 100, seed: int = 0, progress: bool = True) -> tuple[dict, torch.Tensor]:
+    """Sample ``n`` images from the seed bank and measure them (methods.md §4): class shares,
+    confident share, domain FID/KID against ``reference`` (an ImageData), and the NLL bound of
+    ``nll_images`` reference images. Class-conditional models get labels ``i % classes``.
+    Returns (metrics, samples)."""
+    t0 = time.time()
+    labels = None
+    if null_class(unet) is not None:
+        labels = torch.arange(n) % null_class(unet)
+    x = sample(unet, scheduler, n, seed=seed, steps=ddim_steps, class_labels=labels, progress=progress)
+    sample_s = time.time() - t0
+    hist = class_histogram(evaluator, x)
+    m = {
+        "samples": {"n": n, "sampler": f"DDIM {ddim_steps} steps, eta 0", "seed_bank": seed,
+                    "conditional_labels": "i % classes" if labels is not None else None, "wall_s": round(sample_s, 1)},
+        "class_shares": [round(v, 4) for v in hist["shares"]],
+        "confident_share": round(hist["confident_share"], 4),
+        "domain_fid": round(domain_fid(evaluator, x, reference.images), 3),
+        "domain_kid": [round(v, 5) for v in domain_kid(evaluator, x, reference.images)],
+        "fid_features": f"vdu evaluator penultimate ({evaluator.num_features}-d), torchmetrics FID/KID, "
+                        f"reference: {len(reference)} {reference.name} images",
+        "quality_bar": quality_bar(hist),
+    }
+    if labels is not None:
+        m["label_accuracy"] = round((hist["labels"] == labels).float().mean().item(), 4)
+    xs = reference.take(nll_images, seed=seed)
+    null = None if labels is None else torch.full((len(xs),), null_class(unet))
+    bpd = nll_bits_per_dim(unet, scheduler, xs.images, class_labels=null, timesteps=nll_timesteps, progress=progress)
+    m["bits_per_dim"] = {"mean": round(bpd.mean().item(), 4), "sem": round((bpd.std() / len(bpd) ** 0.5).item(), 4),
+                         "images": nll_images, "t_terms": f"stratified, {nll_timesteps}"}
+    if labels is not None:
+        x = x[torch.argsort(labels, stable=True)]
+    return m, x
+
+
 def model_card(model_dir: str | os.PathLike, evaluator_dir: str | os.PathLike, n: int = 1000, ddim_steps: int = 50,
                nll_images: int = 256, nll_timesteps: int = 100, seed: int = 0, command: str = "",
                data_root=None, progress: bool = True) -> dict:
-    """Sample ``n`` images from the seed bank, measure class histogram, confident share, domain FID/KID
-    against the test set and the test-set NLL bound; write card.json and samples.png into ``model_dir``."""
+    """Evaluate a model folder against its dataset's test set; write card.json and samples.png there."""
+    from .training import TrainConfig
+
     model_dir = Path(model_dir)
     unet, sched = load_model(model_dir)
     ev = load_evaluator(evaluator_dir)
     train = json.loads((model_dir / "train.json").read_text()) if (model_dir / "train.json").exists() else {}
     dataset = train.get("config", {}).get("dataset", "mnist")
-    test = load_dataset(dataset, "test", data_root)
-    t0 = time.time()
-    labels = None
-    if null_class(unet) is not None:  # class-conditional: an equal number of samples per class
-        labels = torch.arange(n) % null_class(unet)
-    x = sample(unet, sched, n, seed=seed, steps=ddim_steps, class_labels=labels, progress=progress)
-    sample_s = time.time() - t0
-    hist = class_histogram(ev, x)
-    card_metrics = {
-        "samples": {"n": n, "sampler": f"DDIM {ddim_steps} steps, eta 0", "seed_bank": seed,
-                    "conditional_labels": "i % classes" if labels is not None else None, "wall_s": round(sample_s, 1)},
-        "class_shares": [round(s, 4) for s in hist["shares"]],
-        "confident_share": round(hist["confident_share"], 4),
-        "domain_fid_vs_test": round(domain_fid(ev, x, test.images), 3),
-        "domain_kid_vs_test": [round(v, 5) for v in domain_kid(ev, x, test.images)],
-        "fid_features": f"vdu evaluator penultimate ({ev.num_features}-d), torchmetrics FID/KID, "
-                        f"reference: {len(test)} {dataset} test images",
-        "quality_bar": quality_bar(hist),
-    }
-    if labels is not None:
-        card_metrics["label_accuracy"] = round((hist["labels"] == labels).float().mean().item(), 4)
-    xs = test.take(nll_images, seed=seed)
-    bpd = nll_bits_per_dim(unet, sched, xs.images, class_labels=None if labels is None else
-                           torch.full((len(xs),), null_class(unet)), timesteps=nll_timesteps, progress=progress)
-    card_metrics["test_bits_per_dim"] = {"mean": round(bpd.mean().item(), 4),
-                                         "sem": round((bpd.std() / len(bpd) ** 0.5).item(), 4),
-                                         "images": nll_images, "t_terms": f"stratified, {nll_timesteps}"}
-    from .training import TrainConfig
+    metrics, x = evaluate(unet, sched, ev, load_dataset(dataset, "test", data_root), n, ddim_steps, nll_images,
+                          nll_timesteps, seed, progress)
     card = {"model": str(model_dir),
             "command": TrainConfig(**train["config"]).command() if "config" in train else "",
-            "card_command": command,
+            "card_command": command, "evaluator": str(evaluator_dir),
             "train_steps": train.get("steps"), "train_finished": train.get("finished", True),
             "train_wall_s": train.get("wall_s"), "train_device": train.get("device"),
             "train_config": train.get("config"), "card_machine": machine(),
-            "card_written": time.strftime("%Y-%m-%d %H:%M:%S"), "metrics": card_metrics}
-    save_grid(x[:100] if labels is None else x[torch.argsort(labels[:100], stable=True)], model_dir / "samples.png")
+            "card_written": time.strftime("%Y-%m-%d %H:%M:%S"), "metrics": metrics}
+    save_grid(x[:: max(1, len(x) // 100)][:100], model_dir / "samples.png")
     (model_dir / "card.json").write_text(json.dumps(card, indent=2))
     return card

@@ -94,6 +94,20 @@ def _augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch
     return torch.stack([pad[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
+def outliers(x: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Synthetic non-images for outlier exposure: uniform noise, near-constant images and 50/50
+    blends of two images of different classes, one third each (the failure modes of a generator)."""
+    n = len(x)
+    kind = torch.arange(n) % 3
+    noise = torch.rand(x.shape, generator=gen) * 2 - 1
+    flat = (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1 + 0.1 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+    perm = torch.randperm(n, generator=gen)
+    perm = torch.where(labels[perm] == labels, torch.roll(perm, 1), perm)
+    blend = 0.5 * (x + x[perm])
+    k = kind.view(-1, 1, 1, 1)
+    return torch.where(k == 0, noise, torch.where(k == 1, flat, blend))
+
+
 @torch.no_grad()
 def accuracy(model: Evaluator, data) -> float:
     pred, _ = model.predict(data.images)
@@ -102,8 +116,10 @@ def accuracy(model: Evaluator, data) -> float:
 
 def train_evaluator(dataset: str, out: str | os.PathLike | None = None, epochs: int = 3, batch_size: int = 128,
                     lr: float = 2e-3, seed: int = 0, data_root=None, max_train: int | None = None,
-                    device=None, progress: bool = True, command: str = "") -> dict:
-    """Train the evaluator of ``dataset`` (AdamW, one-cycle LR, shift augmentation); returns its card."""
+                    device=None, progress: bool = True, command: str = "", oe_weight: float = 0.5, init: str | None = None) -> dict:
+    """Train the evaluator of ``dataset`` (AdamW, one-cycle LR, shift augmentation, outlier exposure
+    so that noise, blank and blended images get low confidence); returns its card. ``init``
+    fine-tunes an existing evaluator folder instead of starting from scratch."""
     spec = check_dataset(dataset)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
@@ -111,7 +127,10 @@ def train_evaluator(dataset: str, out: str | os.PathLike | None = None, epochs: 
     if max_train:
         train = train.take(max_train, seed=seed)
     c, s, _ = spec["shape"]
-    model = Evaluator(c, len(train.classes), s, width=32 if dataset == "mnist" else 64).to(device)
+    model = load_evaluator(init, device) if init else \
+        Evaluator(c, len(train.classes), s, width=32 if dataset == "mnist" else 64).to(device)
+    model.train()
+    history = json.loads((Path(init) / "card.json").read_text()) if init and (Path(init) / "card.json").exists() else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     per_epoch = len(train) // batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * per_epoch)
@@ -125,7 +144,12 @@ def train_evaluator(dataset: str, out: str | os.PathLike | None = None, epochs: 
             x = _augment(train.images[idx], gen)
             if c == 3 and torch.rand((), generator=gen) < 0.5:
                 x = x.flip(3)
-            loss = F.cross_entropy(model(x.to(device)), train.labels[idx].to(device))
+            y = train.labels[idx]
+            ood = outliers(x[: len(x) // 4], y[: len(x) // 4], gen)
+            logits = model(torch.cat([x, ood]).to(device))
+            # cross-entropy on real images + outlier exposure (uniform target on non-images)
+            loss = F.cross_entropy(logits[: len(x)], y.to(device)) \
+                - oe_weight * F.log_softmax(logits[len(x):], 1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -135,9 +159,13 @@ def train_evaluator(dataset: str, out: str | os.PathLike | None = None, epochs: 
     bar.close()
     model.eval()
     from .results import machine
-    card = {"command": command, "machine": machine(), "dataset": dataset, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+    card = {"command": command, "machine": machine(), "init": history, "dataset": dataset, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
             "train_images": len(train), "test_accuracy": round(accuracy(model, test), 5),
-            "test_images": len(test), "wall_s": round(time.time() - t0, 1), "device": str(device),
+            "test_images": len(test), "outlier_exposure_weight": oe_weight,
+            "confident_share_test": round((model.predict(test.images)[1] >= 0.9).float().mean().item(), 4),
+            "confident_share_uniform_noise": round((model.predict(outliers(test.images[:300], test.labels[:300],
+                                                   torch.Generator().manual_seed(1))[::3])[1] >= 0.9).float().mean().item(), 4),
+            "wall_s": round(time.time() - t0, 1), "device": str(device),
             "threads": torch.get_num_threads(), "num_features": model.num_features}
     if out is not None:
         save_evaluator(model.cpu(), out, card)

@@ -487,7 +487,9 @@ def unlearn(problem: Problem, net: nn.Module, *, steps: int = 2000, dual_every: 
     form, drawn exactly from the grid), so the fitted model is the diffusion of ``p_lambda`` itself;
     FU — the retain-minus-forget loss with dual weights, :func:`vdu.targets.fu_loss` on batches of q
     and of each q_u^i. Dual step every ``dual_every`` primal steps on the constraint functions of the
-    *learned* model (:func:`learned_values`, exact ODE likelihoods). Returns the PDResult."""
+    *learned* model (:func:`learned_values`, exact ODE likelihoods). Checks feasibility exactly first
+    (:meth:`Problem.check_feasible`); the engine's pinning test covers the rest. Returns the PDResult."""
+    problem.check_feasible()
     g = _gen(seed)
     cache = {}
 
@@ -530,19 +532,19 @@ def kl_knn(x, y, k: int = 5) -> float:
 
 
 def mode_stats(q: GMM, x=None, p=None, grid: Grid | None = None) -> dict:
-    """Mass and mean shift of each of q's modes under a distribution given by samples ``x`` or a
-    grid density ``p``: points are assigned to the component with the largest q-responsibility."""
+    """Mass, mean and mean shift (from q's component mean) of each of q's modes under a distribution
+    given by samples ``x`` or a grid density ``p``: points go to the component of largest q-responsibility."""
     if x is not None:
         pts = torch.as_tensor(x, dtype=torch.float64)
         wts = torch.full((len(pts),), 1.0 / len(pts), dtype=torch.float64)
     else:
         pts, wts = grid.points, torch.as_tensor(p, dtype=torch.float64) * grid.area
     lab = q.responsibilities(pts).argmax(1)
-    mass, shift = np.zeros(q.K), np.full(q.K, np.nan)
+    mass, shift, means = np.zeros(q.K), np.full(q.K, np.nan), np.full((q.K, q.d), np.nan)
     for k in range(q.K):
         s = lab == k
         mass[k] = float(wts[s].sum())
         if mass[k] > 0:
             mean = (wts[s, None] * pts[s]).sum(0) / wts[s].sum()
-            shift[k] = float((mean - q.mu[k]).norm())
-    return {"mass": mass, "shift": shift}
+            shift[k], means[k] = float((mean - q.mu[k]).norm()), mean.numpy()
+    return {"mass": mass, "shift": shift, "mean": means}

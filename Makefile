@@ -1,0 +1,46 @@
+# vdu — `make setup` once (idempotent), then `make test` / `make run-all` / `make bench`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PAPERMILL := $(PY) -m papermill --cwd notebooks --progress-bar
+
+# notebooks run per dataset by `make run-all` (each with notebooks/params/<notebook>-full.yaml)
+DATASETS ?= mnist gmm
+NB_mnist        := pretrain
+NB_cifar10      := pretrain
+NB_tinyimagenet := pretrain
+NB_gmm          := duality
+
+.PHONY: setup test unit nbval run-all bench sync lab clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: unit nbval
+
+unit: setup
+	$(PY) -m pytest tests
+
+nbval: setup
+	cd notebooks && ../$(PY) -m pytest --nbval-lax -p no:cacheprovider *.ipynb
+
+run-all: setup
+	@mkdir -p runs/notebooks
+	$(foreach ds,$(DATASETS),$(if $(NB_$(ds)),,$(error unknown dataset '$(ds)'; known: mnist cifar10 tinyimagenet gmm)))
+	$(foreach ds,$(DATASETS),$(foreach nb,$(NB_$(ds)),$(PAPERMILL) notebooks/$(nb).ipynb runs/notebooks/$(nb)-$(ds).ipynb -f notebooks/params/$(nb)-full.yaml -p dataset $(ds) && )) true
+
+bench: setup
+	$(PY) -m vdu.bench
+
+sync: setup
+	$(VENV)/bin/jupytext --sync notebooks/*.py
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks
+
+clean:
+	rm -rf runs results/*/smoke

@@ -1,0 +1,69 @@
+"""``make bench``: throughput of the kernels everything else is built on, on this machine.
+
+Writes ``results/<dataset>/bench.json``. Speed goals live here, not in timed tests.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from .evaluator import Evaluator
+from .likelihood import nll_bits_per_dim
+from .models import build_scheduler, build_unet, default_device
+from .results import write_results
+from .sampling import sample
+from .training import denoising_loss
+
+
+def _time(fn, repeats: int = 5, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
+def run(dataset: str = "mnist", batch: int = 64, repeats: int = 5) -> dict:
+    """Images per second of a training step, DDIM sampling, the NLL bound and the evaluator."""
+    dev = default_device()
+    unet, sched = build_unet(dataset).to(dev), build_scheduler()
+    c, s = unet.config.in_channels, unet.config.sample_size
+    x = torch.randn(batch, c, s, s, device=dev)
+    opt = torch.optim.AdamW(unet.parameters(), 1e-4)
+
+    def train_step():
+        loss = denoising_loss(unet, sched, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    out = {"unet_params_M": round(sum(p.numel() for p in unet.parameters()) / 1e6, 3), "batch": batch}
+    out["train_img_per_s"] = round(batch / _time(train_step, repeats), 1)
+    t = _time(lambda: sample(unet, sched, batch, steps=5, batch_size=batch, progress=False), max(1, repeats // 2), 1)
+    out["ddim_img_steps_per_s"] = round(batch * 5 / t, 1)
+    t = _time(lambda: nll_bits_per_dim(unet, sched, x.clamp(-1, 1), timesteps=5, progress=False), max(1, repeats // 2), 1)
+    out["nll_img_terms_per_s"] = round(batch * 6 / t, 1)
+    ev = Evaluator(c, 10, s).to(dev).eval()
+    out["evaluator_img_per_s"] = round(batch / _time(lambda: ev.predict(x), repeats), 1)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m vdu.bench")
+    ap.add_argument("--dataset", default="mnist")
+    ap.add_argument("--batch", type=int, default=64)
+    a = ap.parse_args()
+    res = run(a.dataset, a.batch)
+    path = write_results(a.dataset, "bench", res, profile="full")
+    for k, v in res.items():
+        print(f"{k:>24}: {v}")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
