@@ -110,7 +110,9 @@ if not (model_path / "unet").exists() and profile != "full" and demo_steps:
     print(f"no committed model at {model_path}: the smoke profile evaluates the demonstration run instead")
     model_path = demo_model
 unet, sched = load_model(model_path)
-card = json.loads((model_path / "card.json").read_text()) if (model_path / "card.json").exists() else {}
+card = json.loads((model_path / "card.json").read_text()) if (model_path / "card.json").exists() else \
+    json.loads((model_path / "train.json").read_text()) if (model_path / "train.json").exists() else {}
+card.setdefault("train_steps", card.get("steps")); card.setdefault("train_wall_s", card.get("wall_s"))
 print(f"model {model_path.relative_to(REPO) if model_path.is_relative_to(REPO) else model_path}: "
       f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, "
       f"{card.get('train_steps', '?')} training steps, {card.get('train_wall_s', '?')} s")

@@ -35,6 +35,10 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, small_data):
     assert all(torch.equal(load_file(x)[k], load_file(y)[k]) for x, y in zip(sa, sb) for k in load_file(x))
     with pytest.raises(ValueError, match="batch_size"):
         pretrain(_cfg(tmp_path / "b", batch_size=8), data=small_data, progress=False)
+    with pytest.raises(ValueError, match="already at step"):
+        pretrain(_cfg(tmp_path / "b", steps=4), data=small_data, progress=False)
+    longer = pretrain(_cfg(tmp_path / "b", steps=8), data=small_data, progress=False)  # extend a finished run
+    assert torch.load(tmp_path / "b" / "state.pt", weights_only=False)["step"] == 8 and longer.exists()
 
 
 def test_denoising_loss_decreases(tmp_path, small_data):

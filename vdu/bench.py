@@ -50,7 +50,39 @@ def run(dataset: str = "mnist", batch: int = 64, repeats: int = 5) -> dict:
     out["nll_img_terms_per_s"] = round(batch * 6 / t, 1)
     ev = Evaluator(c, 10, s).to(dev).eval()
     out["evaluator_img_per_s"] = round(batch / _time(lambda: ev.predict(x), repeats), 1)
+    out.update(vdu_step_cost(unet, sched, x, repeats))
     return out
+
+
+def vdu_step_cost(unet, sched, x, repeats: int = 5) -> dict:
+    """Seconds of one VDU step (methods.md §1: L = gamma B + (1 - gamma) A, "mean" normalisation)
+    relative to one plain denoising fine-tuning step on the same batch (issue goal: <= 1.1x)."""
+    from .objectives import StabilityRegularizer, vdu_loss
+
+    post = {"mean": {n: p.detach().clone() for n, p in unet.named_parameters()},
+            "var": {n: torch.full_like(p, 1e-6) for n, p in unet.named_parameters()}}
+    reg = StabilityRegularizer(unet, post, center="mean")
+    opt = torch.optim.AdamW(unet.parameters(), 1e-4)
+
+    def plain():
+        loss = denoising_loss(unet, sched, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def vdu():
+        loss = vdu_loss(unet, sched, x, reg, 0.5)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    # interleave to share machine-load drift fairly between the two
+    tp, tv = [], []
+    for _ in range(3):
+        tp.append(_time(plain, repeats, 1))
+        tv.append(_time(vdu, repeats, 1))
+    tp, tv = min(tp), min(tv)
+    return {"finetune_step_s": round(tp, 4), "vdu_step_s": round(tv, 4), "vdu_step_ratio": round(tv / tp, 3)}
 
 
 def main() -> None:

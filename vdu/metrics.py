@@ -5,6 +5,8 @@ return them alongside so results files can name them.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -75,7 +77,9 @@ def domain_kid(evaluator, fake: torch.Tensor, real: torch.Tensor, subsets: int =
     """KID (mean, std over subsets) on the evaluator's features, via torchmetrics."""
     feat = _features(evaluator)
     size = min(subset_size, len(fake), len(real))
-    m = KernelInceptionDistance(feature=feat, subsets=subsets, subset_size=size)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        m = KernelInceptionDistance(feature=feat, subsets=subsets, subset_size=size)
     for imgs, is_real in ((real, True), (fake, False)):
         for i in range(0, len(imgs), batch_size):
             m.update(_prep(imgs[i:i + batch_size], feat), real=is_real)

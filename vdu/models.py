@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.utils import logging as diffusers_logging
+
+diffusers_logging.set_verbosity_error()  # no "install accelerate" notices on every load
 
 from .data import check_dataset
 

@@ -123,10 +123,15 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
     state_path = out / "state.pt"
     if state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
-        for k in ("dataset", "conditional", "batch_size", "steps", "seed"):
+        for k in ("dataset", "conditional", "batch_size", "seed"):
             if st["config"][k] != getattr(cfg, k):
                 raise ValueError(f"{state_path} was made with {k}={st['config'][k]!r}, not {getattr(cfg, k)!r}: "
                                  f"use another out folder or delete it")
+        if st["config"]["steps"] != cfg.steps:  # lengthen/shorten a run: the LR schedule follows the new total
+            if cfg.steps < st["step"]:
+                raise ValueError(f"{state_path} is already at step {st['step']} > steps={cfg.steps}")
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps({"step": st["step"], "steps_changed": [st["config"]["steps"], cfg.steps]}) + "\n")
         unet.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])

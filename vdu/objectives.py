@@ -1,0 +1,169 @@
+"""Unlearning losses, one module for every method (SISS style): VDU (methods.md §1) and NegGrad (§3).
+
+VDU, methods.md §1 (Panda et al. 2025). With the pretrained posterior approximated by a diagonal
+Gaussian ``N(mu*, diag sigma*^2)`` from K checkpoints (``vdu.posterior``) and a point estimate theta:
+
+    B(theta) = sum_i (theta_i - mu*_i)^2 / (2 sigma*_i^2)                 stability regularizer (KL term)
+    A(theta) = - sum_{x in D_f} sum_t C_t || eps - eps_theta(x_t, t) ||^2  plasticity inducer (ELBO term)
+    L_VDU    = gamma * B + (1 - gamma) * A,   gamma in [0, 1]  (gamma = 1/2: the exact variational objective)
+
+``C_t`` is 1 (``weighting="simple"``, L_simple) or the DDPM ELBO weight ``w_t`` (``weighting="elbo"``,
+``vdu.likelihood.elbo_weights``), with ``t ~ U{1..T}`` and fresh ``eps`` per image (Monte Carlo).
+
+**Normalisation** (the scale-mismatch hazard of §1: A is a batch MSE, B a sum over millions of
+parameters), switchable by ``normalization``:
+
+- ``"sum"`` — the literal objective: B summed over all P parameters; A an unbiased Monte-Carlo
+  estimate of the double sum, ``-(N_f / b) * sum_{x in batch} T * C_t * ||eps - eps_theta||^2``
+  (squared error summed over pixels, one t per image, ``N_f = dataset_size`` forget images).
+- ``"mean"`` (default) — B averaged over the P parameters; A averaged over the batch and the
+  pixels, with ``C_t`` rescaled to mean 1 over t, so that with ``weighting="simple"``
+  ``A = -L_simple`` exactly and gamma trades "one parameter's standardised squared drift" against
+  "one pixel's squared noise error".
+
+AdamW is invariant to a constant rescaling of the whole loss, so what the normalisation changes is
+the *ratio* of the two terms, i.e. the effective gamma: ``"sum"`` multiplies B's weight relative to
+A by ``P / (N_f * T * D)`` (D pixels), which is why the literal objective either pins the weights or
+(with its huge A) collapses them.
+
+**Centre** ``mu*`` (``center``): ``"mean"`` is the checkpoint mean of the posterior file (the
+paper); ``"deployed"`` the weights actually served (theta*, the EMA weights the posterior file
+stores as ``deployed``). Unlearning starts from theta*, so with ``"mean"`` B is already large at step
+0 and its gradient first pulls the EMA weights towards the (noisier) raw-checkpoint mean; with
+``"deployed"`` B is exactly 0 at the start.
+
+NegGrad (methods.md §3): plain gradient ascent on the forget-set denoising loss, ``L = -L_simple``
+(VDU with gamma = 0 and ``weighting="simple"``, ``normalization="mean"``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORMALIZATIONS = ("mean", "sum")
+CENTERS = ("mean", "deployed")
+WEIGHTINGS = ("simple", "elbo")
+
+
+def _check(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_gamma(gamma: float) -> float:
+    """Raise a ValueError unless 0 <= gamma <= 1 (the weight of B in L_VDU)."""
+    if not isinstance(gamma, (int, float)) or not 0.0 <= float(gamma) <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1] (L = gamma * B + (1 - gamma) * A), got {gamma!r}")
+    return float(gamma)
+
+
+class StabilityRegularizer:
+    """``B(theta) = sum_i (theta_i - mu*_i)^2 / (2 sigma*_i^2)`` (methods.md §1, the KL term).
+
+    ``posterior`` is the dict of ``vdu.posterior.load_posterior`` (``mean``, ``var``, ``deployed``).
+    The variance is floored at ``var_floor``; ``center`` picks mu* ('mean' | 'deployed');
+    ``normalization`` 'sum' (literal) or 'mean' (divided by the number of parameters P).
+    Parameters of ``model`` are matched by name; a missing or mis-shaped one raises ValueError.
+    """
+
+    def __init__(self, model: torch.nn.Module, posterior: dict, center: str = "mean",
+                 normalization: str = "mean", var_floor: float = 1e-8):
+        _check("center", center, CENTERS)
+        _check("normalization", normalization, NORMALIZATIONS)
+        if var_floor <= 0:
+            raise ValueError(f"var_floor must be > 0, got {var_floor}")
+        src = posterior["mean"] if center == "mean" else posterior.get("deployed") or {}
+        if center == "deployed" and not src:
+            raise ValueError("posterior has no 'deployed' weights; use center='mean'")
+        self.center, self.normalization, self.var_floor = center, normalization, var_floor
+        self.names, self.mu, self.prec = [], [], []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name not in src or name not in posterior["var"]:
+                raise ValueError(f"posterior has no statistics for parameter {name!r}: "
+                                 f"it was made for a different architecture")
+            if src[name].shape != p.shape:
+                raise ValueError(f"posterior parameter {name!r} has shape {tuple(src[name].shape)} but the model's "
+                                 f"is {tuple(p.shape)}: a different architecture")
+            self.names.append(name)
+            self.mu.append(src[name].detach().to(p.device, torch.float32))
+            # 1 / (2 sigma^2), precomputed once
+            self.prec.append(0.5 / posterior["var"][name].detach().to(p.device, torch.float32).clamp_min(var_floor))
+        self.num_params = sum(m.numel() for m in self.mu)
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        params = dict(model.named_parameters())
+        total = sum(((params[n] - mu).pow(2) * pr).sum() for n, mu, pr in zip(self.names, self.mu, self.prec))
+        return total / self.num_params if self.normalization == "mean" else total
+
+
+def stability_regularizer(model, posterior: dict, center: str = "mean", normalization: str = "mean",
+                          var_floor: float = 1e-8) -> torch.Tensor:
+    """Functional form of :class:`StabilityRegularizer` (builds it once; use the class in loops)."""
+    return StabilityRegularizer(model, posterior, center, normalization, var_floor)(model)
+
+
+def timestep_weights(scheduler, weighting: str = "simple", normalization: str = "mean") -> torch.Tensor:
+    """``C_t`` for t = 1..T (index t-1): ones, or the ELBO weights (rescaled to mean 1 for 'mean')."""
+    _check("weighting", weighting, WEIGHTINGS)
+    T = scheduler.config.num_train_timesteps
+    if weighting == "simple":
+        return torch.ones(T)
+    from .likelihood import elbo_weights
+    w = elbo_weights(scheduler)
+    return w / w.mean() if normalization == "mean" else w
+
+
+def plasticity_inducer(unet, scheduler, x0: torch.Tensor, weighting: str = "simple", normalization: str = "mean",
+                       dataset_size: int | None = None, labels=None, generator: torch.Generator | None = None,
+                       t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
+                       weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = -sum_{x in D_f} sum_t C_t ||eps - eps_theta(x_t, t)||^2`` (methods.md §1), Monte Carlo.
+
+    Returns ``(A, per_image)`` where ``per_image`` is the plain per-image L_simple (mean squared error
+    over pixels, detached), which is what the run monitors. ``t`` (0-based scheduler indices, one per
+    image) and ``eps`` may be given for an exact, reproducible evaluation; otherwise they are drawn
+    from ``generator``. See the module docstring for ``normalization``.
+    """
+    _check("normalization", normalization, NORMALIZATIONS)
+    b = len(x0)
+    if b == 0:
+        raise ValueError("empty forget batch")
+    T = scheduler.config.num_train_timesteps
+    dev = x0.device
+    g_dev = generator.device if generator is not None else dev
+    if t is None:
+        t = torch.randint(0, T, (b,), generator=generator, device=g_dev)
+    if eps is None:
+        eps = torch.randn(x0.shape, generator=generator, device=g_dev)
+    t, eps = t.to(dev), eps.to(dev)
+    C = (weights if weights is not None else timestep_weights(scheduler, weighting, normalization)).to(dev)[t]
+    x_t = scheduler.add_noise(x0, eps, t)
+    pred = unet(x_t, t, class_labels=labels).sample
+    sq = F.mse_loss(pred.float(), eps, reduction="none").flatten(1)  # (b, D)
+    if normalization == "mean":
+        A = -(C * sq.mean(1)).mean()
+    else:
+        n = dataset_size if dataset_size is not None else b
+        A = -(n / b) * T * (C * sq.sum(1)).sum()
+    return A, sq.mean(1).detach()
+
+
+def vdu_loss(unet, scheduler, x0: torch.Tensor, regularizer: StabilityRegularizer, gamma: float,
+             weighting: str = "simple", dataset_size: int | None = None, generator=None, labels=None,
+             t=None, eps=None, weights=None) -> dict:
+    """``L_VDU = gamma * B + (1 - gamma) * A`` (methods.md §1); the normalisation is the regulariser's.
+
+    Returns ``{"loss", "A", "B", "forget_loss"}`` (``forget_loss``: batch-mean L_simple, detached)."""
+    gamma = check_gamma(gamma)
+    A, per = plasticity_inducer(unet, scheduler, x0, weighting, regularizer.normalization, dataset_size, labels,
+                                generator, t, eps, weights)
+    B = regularizer(unet) if gamma > 0 else torch.zeros((), device=x0.device)
+    return {"loss": gamma * B + (1 - gamma) * A, "A": A, "B": B, "forget_loss": per.mean()}
+
+
+def neggrad_loss(unet, scheduler, x0: torch.Tensor, generator=None, labels=None, t=None, eps=None) -> dict:
+    """NegGrad (methods.md §3): gradient ascent on the forget-set denoising loss, ``L = -L_simple``."""
+    A, per = plasticity_inducer(unet, scheduler, x0, "simple", "mean", None, labels, generator, t, eps)
+    return {"loss": A, "A": A, "B": torch.zeros((), device=x0.device), "forget_loss": per.mean()}
