@@ -18,14 +18,17 @@ def test_presets_and_null_class():
 
 def test_save_load_round_trip(tmp_path):
     u, s = tiny_unet(conditional=True), build_scheduler()
-    save_model(u, s, tmp_path / "m", card={"a": 1})
+    save_model(u, s, tmp_path / "m", dtype=torch.float32, card={"a": 1})
     u2, s2 = load_model(tmp_path / "m")
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 500])
     lab = torch.tensor([1, 10])
     assert torch.allclose(u(x, t, class_labels=lab).sample, u2(x, t, class_labels=lab).sample, atol=1e-6)
     assert s2.config.num_train_timesteps == 1000 and json.loads((tmp_path / "m" / "card.json").read_text()) == {"a": 1}
-    save_model(u, s, tmp_path / "m")  # overwriting keeps foreign files
+    save_model(u, s, tmp_path / "m")  # overwriting keeps foreign files; float16 storage by default
     assert (tmp_path / "m" / "card.json").exists() and not (tmp_path / "m.tmp").exists()
+    u3, _ = load_model(tmp_path / "m")
+    assert next(u3.parameters()).dtype == torch.float32
+    assert torch.allclose(u(x, t, class_labels=lab).sample, u3(x, t, class_labels=lab).sample, atol=1e-2)
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path):

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps for the samples")
     p.add_argument("--nll-images", type=int, default=256)
+    p.add_argument("--notes", default="", help="free text stored in the card (how the run went)")
     a = ap.parse_args(argv)
 
     if a.cmd == "pretrain":
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "card":
         from .cards import model_card
         print(json.dumps(model_card(a.model_dir, a.evaluator, n=a.n, ddim_steps=a.steps,
-                                    nll_images=a.nll_images,
+                                    nll_images=a.nll_images, notes=a.notes,
                                     command=" ".join(["python -m vdu"] + (argv or sys.argv[1:]))), indent=2))
     return 0
 

@@ -82,7 +82,7 @@ def evaluate(unet, scheduler, evaluator, reference, n: int = 1000, ddim_steps: i
 
 def model_card(model_dir: str | os.PathLike, evaluator_dir: str | os.PathLike, n: int = 1000, ddim_steps: int = 50,
                nll_images: int = 256, nll_timesteps: int = 100, seed: int = 0, command: str = "",
-               data_root=None, progress: bool = True) -> dict:
+               data_root=None, progress: bool = True, notes: str = "") -> dict:
     """Evaluate a model folder against its dataset's test set; write card.json and samples.png there."""
     from .training import TrainConfig
 
@@ -99,7 +99,7 @@ def model_card(model_dir: str | os.PathLike, evaluator_dir: str | os.PathLike, n
             "train_steps": train.get("steps"), "train_finished": train.get("finished", True),
             "train_wall_s": train.get("wall_s"), "train_device": train.get("device"),
             "train_config": train.get("config"), "card_machine": machine(),
-            "card_written": time.strftime("%Y-%m-%d %H:%M:%S"), "metrics": metrics}
+            "card_written": time.strftime("%Y-%m-%d %H:%M:%S"), "notes": notes, "metrics": metrics}
     save_grid(x[:: max(1, len(x) // 100)][:100], model_dir / "samples.png")
     (model_dir / "card.json").write_text(json.dumps(card, indent=2))
     return card

@@ -86,11 +86,12 @@ def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "cpu"
         sub = "unet"
     try:
         try:
-            unet = UNet2DModel.from_pretrained(src, subfolder=sub, local_files_only=local_files_only)
+            unet = UNet2DModel.from_pretrained(src, subfolder=sub, local_files_only=local_files_only,
+                                               torch_dtype=torch.float32)
         except (OSError, EnvironmentError):
             if local.exists():
                 raise
-            unet = UNet2DModel.from_pretrained(src, local_files_only=local_files_only)
+            unet = UNet2DModel.from_pretrained(src, local_files_only=local_files_only, torch_dtype=torch.float32)
             sub = None
     except (OSError, EnvironmentError) as e:
         if local.exists():
@@ -109,15 +110,18 @@ def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "cpu"
     return unet.to(device).eval(), scheduler
 
 
-def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | os.PathLike, **extra_json) -> Path:
+def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | os.PathLike,
+               dtype: torch.dtype | None = torch.float16, **extra_json) -> Path:
     """Atomically save a pipeline folder (``unet/``, ``scheduler/``, ``model_index.json``).
 
-    Extra keyword arguments are written as JSON files (e.g. ``card={...}`` -> ``card.json``).
+    Weights are stored as ``dtype`` (float16 by default: half the size; ``load_model`` computes in
+    float32). Extra keyword arguments are written as JSON files (``card={...}`` -> ``card.json``).
     """
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    import copy
+    (copy.deepcopy(unet).to(dtype) if dtype is not None else unet).save_pretrained(tmp / "unet", safe_serialization=True)
     scheduler.save_pretrained(tmp / "scheduler")
     index = {"_class_name": "DDPMPipeline", "_diffusers_version": unet.config.get("_diffusers_version", ""),
              "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}

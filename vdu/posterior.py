@@ -10,8 +10,8 @@ Two documented ways to get the K sets, switchable in ``make_posterior``:
   seeds (independent minibatch noise), as in the measurement quoted in methods.md §1. Costs K x
   ``steps`` extra training steps.
 
-The file stores ``mean.<name>``, ``var.<name>`` and ``deployed.<name>`` (the EMA weights actually
-served, theta*) so VDU can use either centre for its regulariser.
+The file stores ``mu* - theta*`` and ``log sigma*^2`` in float16 (theta*: the EMA weights actually
+served, read from the model folder), so VDU can use either centre for its regulariser.
 """
 from __future__ import annotations
 
@@ -42,46 +42,60 @@ def gaussian_from_checkpoints(state_dicts: list[dict], var_floor: float = VAR_FL
     return mean, var
 
 
+def fingerprint(params: dict) -> float:
+    """A float64 checksum of a set of weights (sum of absolute values)."""
+    return float(sum(v.detach().double().abs().sum() for v in params.values()))
+
+
 def save_posterior(path: str | os.PathLike, mean: dict, var: dict, deployed: dict, k: int, method: str) -> Path:
-    """Write the posterior statistics as one safetensors file (atomically)."""
+    """Write the posterior compactly and atomically: ``delta.<name> = mu* - theta*`` and
+    ``logvar.<name> = log sigma*^2`` in float16 (the deployed weights theta* live in the model
+    folder itself; a checksum of them is stored so a posterior cannot be paired with other weights)."""
     path = Path(path)
     tensors = {}
-    for prefix, d in (("mean", mean), ("var", var), ("deployed", deployed)):
-        tensors.update({f"{prefix}.{n}": v.detach().float().cpu().contiguous() for n, v in d.items()})
+    for n in mean:
+        tensors[f"delta.{n}"] = (mean[n].float() - deployed[n].float()).half().contiguous()
+        tensors[f"logvar.{n}"] = var[n].float().clamp_min(VAR_FLOOR).log().half().contiguous()
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata={"k": str(k), "method": method, "var_floor": str(VAR_FLOOR)})
+    save_file(tensors, tmp, metadata={"k": str(k), "method": method, "var_floor": str(VAR_FLOOR),
+                                      "deployed_fingerprint": repr(fingerprint(deployed))})
     os.replace(tmp, path)
     return path
 
 
-def load_posterior(path: str | os.PathLike, model: torch.nn.Module | None = None) -> dict:
-    """Read a posterior file -> ``{"mean", "var", "deployed": {name: tensor}, "k", "method"}``.
+def load_posterior(path: str | os.PathLike, model: torch.nn.Module) -> dict:
+    """Read a posterior file for ``model`` (the *pretrained* weights theta* it was made from)
+    -> ``{"mean", "var", "deployed": {name: tensor}, "k", "method"}``.
 
-    With ``model`` given, checks that every trainable parameter has statistics of its shape and
-    raises a ValueError naming the first mismatch (a posterior made for another architecture)."""
+    Raises a ValueError naming the first mismatch when the file was made for another architecture,
+    or for other weights (checksum), and when the file is corrupt."""
+    from safetensors import safe_open
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"posterior file {path} not found (make it with `python -m vdu posterior`)")
     try:
         flat = load_file(path)
-        from safetensors import safe_open
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"posterior file {path} is corrupt: {e}") from e
-    out = {"mean": {}, "var": {}, "deployed": {}}
-    for key, v in flat.items():
-        prefix, name = key.split(".", 1)
-        out[prefix][name] = v
-    out["k"], out["method"] = int(meta.get("k", 0)), meta.get("method", "?")
-    if model is not None:
-        for name, p in model.named_parameters():
-            if name not in out["mean"]:
-                raise ValueError(f"posterior {path} has no statistics for parameter {name!r}: "
-                                 f"it was made for a different architecture")
-            if out["mean"][name].shape != p.shape:
-                raise ValueError(f"posterior {path}: parameter {name!r} has shape {tuple(out['mean'][name].shape)} "
-                                 f"there but {tuple(p.shape)} in the model: a different architecture")
+    deployed = {n: p.detach().clone().float() for n, p in model.named_parameters()}
+    for name, p in deployed.items():
+        if f"delta.{name}" not in flat:
+            raise ValueError(f"posterior {path} has no statistics for parameter {name!r}: "
+                             f"it was made for a different architecture")
+        if flat[f"delta.{name}"].shape != p.shape:
+            raise ValueError(f"posterior {path}: parameter {name!r} has shape {tuple(flat[f'delta.{name}'].shape)} "
+                             f"there but {tuple(p.shape)} in the model: a different architecture")
+    want = float(meta.get("deployed_fingerprint", "nan"))
+    have = fingerprint(deployed)
+    if not abs(have - want) <= 1e-6 * abs(want):
+        raise ValueError(f"posterior {path} was made for other weights (checksum {want:.6g}, model {have:.6g}): "
+                         f"load it with the pretrained model it was computed from")
+    out = {"mean": {n: deployed[n] + flat[f"delta.{n}"].float() for n in deployed},
+           "var": {n: flat[f"logvar.{n}"].float().exp() for n in deployed}, "deployed": deployed,
+           "k": int(meta.get("k", 0)), "method": meta.get("method", "?")}
     return out
 
 

@@ -73,11 +73,11 @@
 #    the evaluator. Every result reports PUL together with u-FID and the confident share.
 #
 # **Profiles.** The `parameters` cell is the CPU *smoke* profile (~2-3 min on one thread, what nbval
-# runs); `params/vdu-full.yaml` is the full profile (all 10 classes, γ / forget-size / K sweeps)
+# runs); `params/vdu_unlearning-full.yaml` is the full profile (all 10 classes, γ / forget-size / K sweeps)
 # that writes `results/mnist/vdu.json`:
 #
 # ```
-# cd notebooks && papermill vdu.ipynb /tmp/vdu-full.ipynb -f params/vdu-full.yaml
+# cd notebooks && papermill vdu_unlearning.ipynb /tmp/vdu-full.ipynb -f params/vdu_unlearning-full.yaml
 # ```
 
 # %% tags=["parameters"]

@@ -1,0 +1,57 @@
+"""The committed MNIST artifacts load and behave (the numbers themselves live in their cards)."""
+import json
+
+import torch
+
+from conftest import CKPT
+from vdu.cards import quality_bar
+from vdu.metrics import class_histogram
+from vdu.models import load_model, null_class
+from vdu.posterior import load_posterior
+from vdu.sampling import sample
+
+
+def test_unconditional_ddpm_generates_recognisable_digits(evaluator):
+    unet, sched = load_model(CKPT / "ddpm")
+    assert null_class(unet) is None
+    x = sample(unet, sched, 40, seed=123, steps=20, progress=False)
+    h = class_histogram(evaluator, x)
+    assert h["confident_share"] >= 0.5, h["confident_share"]
+    assert sum(c > 0 for c in h["counts"]) >= 7, h["counts"]  # not one collapsed mode
+
+
+def test_conditional_ddpm_follows_its_labels(evaluator):
+    unet, sched = load_model(CKPT / "ddpm-cond")
+    labels = torch.arange(20) % 10
+    x = sample(unet, sched, 20, seed=5, steps=20, class_labels=labels, guidance=1.0, progress=False)
+    pred, _ = evaluator.predict(x)
+    assert (pred == labels).float().mean() >= 0.5
+
+
+def test_posterior_matches_the_model_and_is_centred_near_it():
+    unet, _ = load_model(CKPT / "ddpm")
+    post = load_posterior(CKPT / "ddpm" / "posterior.safetensors", unet)
+    assert post["k"] >= 2
+    for name, p in unet.named_parameters():
+        assert torch.equal(post["deployed"][name], p.detach())
+        assert (post["var"][name] > 0).all()
+    # EMA weights lie within a few posterior standard deviations of the snapshot mean on average
+    z = torch.cat([((post["deployed"][n] - post["mean"][n]) / post["var"][n].sqrt()).flatten() for n in post["mean"]])
+    assert z.abs().median() < 10
+
+
+def test_cards_record_how_the_models_were_made():
+    for name in ("ddpm", "ddpm-cond"):
+        card = json.loads((CKPT / name / "card.json").read_text())
+        assert card["command"].startswith("python -m vdu pretrain") and card["train_steps"] > 0
+        assert card["train_wall_s"] > 0 and "quality_bar" in card["metrics"]
+        assert (CKPT / name / "samples.png").stat().st_size > 1000
+    ev = json.loads((CKPT / "evaluator" / "card.json").read_text())
+    assert ev["test_accuracy"] >= 0.99
+
+
+def test_quality_bar_rule():
+    h = {"confident_share": 0.93, "shares": [0.1] * 10, "threshold": 0.9}
+    assert quality_bar(h)["met"]
+    assert not quality_bar({**h, "confident_share": 0.85})["met"]
+    assert not quality_bar({**h, "shares": [0.2] + [0.8 / 9] * 9})["met"]
