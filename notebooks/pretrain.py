@@ -1,17 +1,21 @@
 # ---
 # jupyter:
 #   jupytext:
+#     cell_metadata_filter: tags,-all
 #     formats: py:percent,ipynb
+#     notebook_metadata_filter: -papermill
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] tags=[]
 # # 1 · The base model: pretraining and evaluating a DDPM
 #
 # Every unlearning number in this series is a comparison with a pretrained model, so this notebook
@@ -46,7 +50,7 @@ nll_images = 16          # test images for the bits/dim estimate
 nll_timesteps = 20       # stratified t-terms per image of the NLL bound
 seed = 0
 
-# %%
+# %% tags=[]
 import json
 from pathlib import Path
 
@@ -66,17 +70,17 @@ torch.manual_seed(seed)
 ckpt = REPO / "checkpoints" / dataset
 print(machine())
 
-# %% [markdown]
+# %% [markdown] tags=[]
 # ## Data
 # Images come from `../shared/data/<dataset>.npz` (or `$VDU_DATA`), scaled to $[-1, 1]$.
 
-# %%
+# %% tags=[]
 train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
 print(f"{dataset}: {len(train)} train / {len(test)} test images of shape {train.shape}, classes {train.classes}")
 fig, ax = plt.subplots(figsize=(4, 4))
 ax.imshow(grid_array(test.images[:64]), cmap="gray"); ax.set_axis_off(); ax.set_title("real test images");
 
-# %% [markdown]
+# %% [markdown] tags=[]
 # ## Pretraining, resumable
 # `vdu.training.pretrain` writes an atomic checkpoint (weights, EMA, optimiser, LR schedule, RNG
 # state) every `checkpoint_every` steps; batches come from a per-epoch permutation seeded by
@@ -85,7 +89,7 @@ ax.imshow(grid_array(test.images[:64]), cmap="gray"); ax.set_axis_off(); ax.set_
 # half way and resumed (the committed models were trained by the same function for thousands of
 # steps; their cards say how long).
 
-# %%
+# %% tags=[]
 if demo_steps:
     demo = TrainConfig(dataset=dataset, steps=demo_steps, batch_size=32, warmup=5, checkpoint_every=5,
                        log_every=5, k_snapshots=3, snapshot_every=2, max_train=demo_images,
@@ -98,13 +102,13 @@ if demo_steps:
     plt.xlabel("step"); plt.ylabel("L_simple"); plt.title("demonstration run");
     print(f"demonstration loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}")
 
-# %% [markdown]
+# %% [markdown] tags=[]
 # ## The committed model and its K-checkpoint posterior
 # VDU (methods.md §1) needs a diagonal Gaussian $\mathcal N(\mu^*, \operatorname{diag}\sigma^{*2})$ over the
 # weights. `vdu.posterior` estimates it from K checkpoints: by default the K late snapshots of the
 # pretraining run (SWAG-diagonal), or K short seeded continuations (`method="continuations"`).
 
-# %%
+# %% tags=[]
 model_path = Path(model_dir) if model_dir else ckpt / "ddpm"
 if not (model_path / "unet").exists() and profile != "full" and demo_steps:
     print(f"no committed model at {model_path}: the smoke profile evaluates the demonstration run instead")
@@ -123,13 +127,13 @@ if (model_path / "posterior.safetensors").exists():
     plt.xlabel("log10 sigma*_i"); plt.title(f"posterior from K={post['k']} {post['method']}");
     print(f"posterior: K={post['k']} ({post['method']}), median sigma* = {10 ** std.median().item():.2e}")
 
-# %% [markdown]
+# %% [markdown] tags=[]
 # ## The evaluator
 # A small CNN trained on the real training set (with outlier exposure, so noise, blank and blended
 # images get low confidence). Its penultimate features give the *domain* FID/KID (no Inception
 # weights are downloadable here; `vdu.metrics.domain_fid(2048, ...)` takes the Inception path).
 
-# %%
+# %% tags=[]
 ev_path = Path(evaluator_dir) if evaluator_dir else ckpt / "evaluator"
 if not (ev_path / "model.safetensors").exists():
     if profile == "full":
@@ -140,12 +144,12 @@ ev = load_evaluator(ev_path)
 print(json.dumps({k: v for k, v in json.loads((ev_path / "card.json").read_text()).items()
                   if k in ("test_accuracy", "confident_share_test", "confident_share_uniform_noise")}))
 
-# %% [markdown]
+# %% [markdown] tags=[]
 # ## Samples and metrics
 # All samples come from the **seed bank** (sample *i* uses generator `seed + i`), so the unlearning
 # notebooks can compare a model with its pretrained self on identical noise.
 
-# %%
+# %% tags=[]
 metrics, samples = evaluate(unet, sched, ev, test, n=n_samples, ddim_steps=ddim_steps, nll_images=nll_images,
                             nll_timesteps=nll_timesteps, seed=seed, progress=False)
 fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -157,22 +161,22 @@ axes[1].set_title(f"evaluator labels; confident {metrics['confident_share']:.0%}
 save_figure(fig, dataset, "pretrain_samples", profile)
 print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}, indent=1))
 
-# %% [markdown]
+# %% [markdown] tags=[]
 # For contrast, the same NLL bound on images that are *not* from the data distribution (uniform
 # noise) must be far higher than on test digits — the bound is the likelihood view the
 # unlearning notebooks use on forget and retain sets.
 
-# %%
+# %% tags=[]
 from vdu.likelihood import nll_bits_per_dim
 noise_bpd = nll_bits_per_dim(unet, sched, (torch.randint(0, 256, (4, *train.shape)) / 127.5 - 1),
                              timesteps=nll_timesteps, progress=False).mean().item()
 print(f"bits/dim: test images {metrics['bits_per_dim']['mean']:.3f}, uniform noise {noise_bpd:.3f}")
 
-# %%
+# %% tags=[]
 # NBVAL_CHECK_OUTPUT
 print("test images are more likely than noise:", metrics["bits_per_dim"]["mean"] < noise_bpd)
 
-# %%
+# %% tags=[]
 out = write_results(dataset, "pretrain", {
     "model": str(model_path.relative_to(REPO) if model_path.is_relative_to(REPO) else model_path),
     "evaluator": str(ev_path.relative_to(REPO) if ev_path.is_relative_to(REPO) else ev_path),

@@ -15,7 +15,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] tags=[]
 # # 2 · Variational Diffusion Unlearning (VDU), derived and run on MNIST
 #
 # Panda et al., "Variational Diffusion Unlearning" (arXiv 2510.04058) — methods.md §1. This notebook
@@ -111,7 +111,7 @@ forget_fractions = []      # full profile: share of the class's training images 
 ks = []                    # full profile: K sweep (needs >= max(ks) snapshots in run_dir)
 threads = 1
 
-# %%
+# %% tags=[]
 import copy
 import time
 import warnings
@@ -146,12 +146,12 @@ print(machine())
 print(f"model: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters; posterior K={posterior['k']} "
       f"({posterior['method']})")
 
-# %% [markdown]
+# %% [markdown] tags=[]
 # ## Data: the forget set and the references
 # VDU sees only `n_forget` training images of the forget class. The evaluation uses test images:
 # real retained-class images as the u-FID reference, and small forget / retain sets for the NLL bound.
 
-# %%
+# %% tags=[]
 train, test = load_dataset("mnist", "train"), load_dataset("mnist", "test")
 
 
@@ -167,12 +167,12 @@ x_forget, ref, nll_f, nll_r = split_for(forget_class, n_forget)
 print(f"forget class {forget_class}: {len(x_forget)} forget images; u-FID reference {len(ref)} retained-class "
       f"test images; NLL on {len(nll_f)} + {len(nll_r)} test images, {nll_timesteps} t-terms")
 
-# %% [markdown]
+# %% [markdown] tags=[]
 # ## The posterior and the scale mismatch
 # The spread of the K checkpoints sets σ*. At θ* the two terms and their gradients have very
 # different sizes, depending on the normalisation and the centre:
 
-# %%
+# %% tags=[]
 from vdu.objectives import StabilityRegularizer, plasticity_inducer
 
 std = torch.cat([v.sqrt().flatten() for v in posterior["var"].values()])
@@ -195,25 +195,25 @@ for norm in ("mean", "sum"):
         print(f"{norm:>4} / {cen:>8}:  A = {A.item():+.3e}  B = {B.item():.3e}   |dA| = {nA:.2e}  |dB| = {nB:.2e}")
 del u
 
-# %% [markdown]
+# %% [markdown] tags=[]
 # ## Before: the pretrained model
 # Samples from the seed bank `seed` (the same noise for every model below), evaluator labels, u-FID
 # against retained-class test images, NLL bound on forget / retain test images.
 
-# %%
+# %% tags=[]
 before, xs_before = measure(unet, sched, evaluator, forget_class, ref, n_samples, ddim_steps, seed,
                             forget_nll_images=nll_f, retain_nll_images=nll_r, nll_timesteps=nll_timesteps)
 print(f"before: forget share {before['forget_share']:.3f}, confident {before['confident_share']:.3f}, "
       f"u-FID {before['u_fid']:.2f}, NLL forget {before['forget_nll']:.3f} / retain {before['retain_nll']:.3f} bits/dim")
 
-# %% [markdown]
+# %% [markdown] tags=[]
 # ## Unlearning the forget class
 # One call; the config fields are `vdu.unlearning.UnlearnConfig`. The stop rule measures the
 # forget denoising loss on a fixed probe (fixed images, t and ε) every `probe_every` steps and stops
 # once it reaches `stop_forget_ratio` × its pretrained value — the likelihood constraint
 # `E_{D_f}[−log p] ≥ b` of methods.md §2 expressed through the denoising bound.
 
-# %%
+# %% tags=[]
 cfg = dict(gamma=gamma, normalization=normalization, center=center, weighting=weighting, steps=steps,
            batch_size=batch_size, lr=lr, seed=seed, probe_every=probe_every, stop_forget_ratio=stop_forget_ratio,
            eval_every=eval_every, eval_samples=n_samples, eval_ddim_steps=ddim_steps, eval_seed=seed, progress=False)
@@ -225,7 +225,7 @@ print(f"stopped: {log.stop_reason} after {log.steps_done} steps ({unlearn_s:.0f}
 for e in log.events:
     print(" ", e)
 
-# %%
+# %% tags=[]
 fig, ax = plt.subplots(1, 3, figsize=(12, 3))
 st = log.steps
 ax[0].plot([s["step"] for s in st], [s["A"] for s in st], label="A"); ax[0].plot([s["step"] for s in st], [s["B"] for s in st], label="B")
@@ -240,10 +240,10 @@ if log.evals:
     ax[2].legend(); ax[2].set_xlabel("step")
 save_figure(fig, "mnist", "vdu-run", profile);
 
-# %% [markdown]
+# %% [markdown] tags=[]
 # ## After: same seed bank, same metrics
 
-# %%
+# %% tags=[]
 after, xs_after = measure(unl, sched, evaluator, forget_class, ref, n_samples, ddim_steps, seed, before=before,
                           forget_nll_images=nll_f, retain_nll_images=nll_r, nll_timesteps=nll_timesteps)
 print(f"after:  forget share {after['forget_share']:.3f}, PUL {after['pul']:.1f}%, confident {after['confident_share']:.3f}, "
@@ -258,13 +258,13 @@ ax[2].bar([i + w / 2 for i in range(10)], after["counts"], w, label="after")
 ax[2].set_xticks(range(10)); ax[2].legend(); ax[2].set_title("evaluator labels")
 save_figure(fig, "mnist", "vdu-before-after", profile);
 
-# %% [markdown]
+# %% [markdown] tags=[]
 # ## Normalisation and centre: which works and why
 # The same run (no stop rule, `ablation_steps` steps) under the four combinations. Watch the probe
 # forget loss *and* the confident share / u-FID: a huge forget loss with few confident samples is a
 # collapse, an unchanged forget loss means B pinned the weights.
 
-# %%
+# %% tags=[]
 ablation = []
 for norm in ("mean", "sum") if ablation_steps else ():
     for cen in ("deployed", "mean"):
@@ -278,12 +278,12 @@ for norm in ("mean", "sum") if ablation_steps else ():
         print(f"{norm:>4} / {cen:>8}: forget loss x{ablation[-1]['forget_loss_ratio']:.2f}, PUL {r['pul']:.1f}%, "
               f"confident {r['confident_share']:.2f}, u-FID {r['u_fid']:.2f}")
 
-# %% [markdown]
+# %% [markdown] tags=[]
 # ## Full profile: every class, the γ trade-off, the data constraint (forget-set size) and K
 # Empty lists in the smoke profile. Each entry is one `unlearn` call with the settings above plus
 # one `measure` (the evaluation dominates the cost).
 
-# %%
+# %% tags=[]
 def run_one(c, **over):
     xf, rf, nf, nr = split_for(c, **({"n": n_forget} if "fraction" not in over else {"fraction": over.pop("fraction")}))
     b, _ = measure(unet, sched, evaluator, c, rf, n_samples, ddim_steps, seed, forget_nll_images=nf,
@@ -324,10 +324,10 @@ if gamma_sweep:
     ax.set_xlabel("u-FID / pretrained u-FID"); ax.set_ylabel("PUL (%)"); ax.set_title(f"gamma sweep, class {forget_class}")
     save_figure(fig, "mnist", "vdu-gamma-sweep", profile)
 
-# %% [markdown]
+# %% [markdown] tags=[]
 # ## Results file
 
-# %%
+# %% tags=[]
 def clean(d):
     return {k: v for k, v in d.items() if k != "labels"}
 
@@ -344,7 +344,7 @@ numbers = {"config": {**cfg, "forget_class": forget_class, "n_forget": n_forget,
 path = write_results("mnist", "vdu", numbers, profile)
 print("wrote", path.relative_to(REPO))
 
-# %%
+# %% tags=[]
 # NBVAL_CHECK_OUTPUT
 print("stop reason is one of the documented ones:", log.stop_reason in ("max_steps", "stop_rule", "diverged", "collapse"))
 print("metrics reported together:", all(k in after for k in ("pul", "u_fid", "confident_share", "forget_nll")))
