@@ -28,20 +28,25 @@ def _time(fn, repeats: int = 5, warmup: int = 2) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
+def _stepper(unet, loss_fn):
+    """One AdamW step on ``loss_fn()`` as a callable (the unit both step costs are measured in)."""
+    opt = torch.optim.AdamW(unet.parameters(), 1e-4)
+
+    def step():
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step
+
+
 def run(dataset: str = "mnist", batch: int = 64, repeats: int = 5) -> dict:
     """Images per second of a training step, DDIM sampling, the NLL bound and the evaluator."""
     dev = default_device()
     unet, sched = build_unet(dataset).to(dev), build_scheduler()
     c, s = unet.config.in_channels, unet.config.sample_size
     x = torch.randn(batch, c, s, s, device=dev)
-    opt = torch.optim.AdamW(unet.parameters(), 1e-4)
-
-    def train_step():
-        loss = denoising_loss(unet, sched, x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
+    train_step = _stepper(unet, lambda: denoising_loss(unet, sched, x))
     out = {"unet_params_M": round(sum(p.numel() for p in unet.parameters()) / 1e6, 3), "batch": batch}
     out["train_img_per_s"] = round(batch / _time(train_step, repeats), 1)
     t = _time(lambda: sample(unet, sched, batch, steps=5, batch_size=batch, progress=False), max(1, repeats // 2), 1)
@@ -62,19 +67,8 @@ def vdu_step_cost(unet, sched, x, repeats: int = 5) -> dict:
     post = {"mean": {n: p.detach().clone() for n, p in unet.named_parameters()},
             "var": {n: torch.full_like(p, 1e-6) for n, p in unet.named_parameters()}}
     reg = StabilityRegularizer(unet, post, center="mean")
-    opt = torch.optim.AdamW(unet.parameters(), 1e-4)
-
-    def plain():
-        loss = denoising_loss(unet, sched, x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    def vdu():
-        loss = vdu_loss(unet, sched, x, reg, 0.5)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    plain = _stepper(unet, lambda: denoising_loss(unet, sched, x))
+    vdu = _stepper(unet, lambda: vdu_loss(unet, sched, x, reg, 0.5)["loss"])
 
     # interleave to share machine-load drift fairly between the two
     tp, tv = [], []

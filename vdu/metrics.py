@@ -73,8 +73,9 @@ def domain_fid(evaluator, fake: torch.Tensor, real: torch.Tensor, batch_size: in
 
 
 def domain_kid(evaluator, fake: torch.Tensor, real: torch.Tensor, subsets: int = 50, subset_size: int = 500,
-               batch_size: int = 500) -> tuple[float, float]:
-    """KID (mean, std over subsets) on the evaluator's features, via torchmetrics."""
+               batch_size: int = 500, seed: int = 0) -> tuple[float, float]:
+    """KID (mean, std over ``subsets`` random subsets, drawn with ``seed``) on the evaluator's
+    features, via torchmetrics."""
     feat = _features(evaluator)
     size = min(subset_size, len(fake), len(real))
     with warnings.catch_warnings():
@@ -83,5 +84,7 @@ def domain_kid(evaluator, fake: torch.Tensor, real: torch.Tensor, subsets: int =
     for imgs, is_real in ((real, True), (fake, False)):
         for i in range(0, len(imgs), batch_size):
             m.update(_prep(imgs[i:i + batch_size], feat), real=is_real)
-    mean, std = m.compute()
+    with torch.random.fork_rng():  # torchmetrics draws the subsets from the global RNG
+        torch.manual_seed(seed)
+        mean, std = m.compute()
     return float(mean), float(std)
