@@ -38,7 +38,8 @@ NegGrad (methods.md §3): plain gradient ascent on the forget-set denoising loss
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .training import noise_prediction_error
 
 NORMALIZATIONS = ("mean", "sum")
 CENTERS = ("mean", "deployed")
@@ -131,17 +132,8 @@ def plasticity_inducer(unet, scheduler, x0: torch.Tensor, weighting: str = "simp
     if b == 0:
         raise ValueError("empty forget batch")
     T = scheduler.config.num_train_timesteps
-    dev = x0.device
-    g_dev = generator.device if generator is not None else dev
-    if t is None:
-        t = torch.randint(0, T, (b,), generator=generator, device=g_dev)
-    if eps is None:
-        eps = torch.randn(x0.shape, generator=generator, device=g_dev)
-    t, eps = t.to(dev), eps.to(dev)
-    C = (weights if weights is not None else timestep_weights(scheduler, weighting, normalization)).to(dev)[t]
-    x_t = scheduler.add_noise(x0, eps, t)
-    pred = unet(x_t, t, class_labels=labels).sample
-    sq = F.mse_loss(pred.float(), eps, reduction="none").flatten(1)  # (b, D)
+    sq, t = noise_prediction_error(unet, scheduler, x0, labels, generator, t, eps)  # (b, D)
+    C = (weights if weights is not None else timestep_weights(scheduler, weighting, normalization)).to(x0.device)[t]
     if normalization == "mean":
         A = -(C * sq.mean(1)).mean()
     else:

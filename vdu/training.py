@@ -80,17 +80,26 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def noise_prediction_error(unet, scheduler, x0, labels=None, generator=None, t=None, eps=None):
+    """Per-pixel ``(eps - eps_theta(x_t, t))^2`` of methods.md §0, shape (batch, pixels), and the t used.
+
+    t ~ U{0..T-1} (0-based scheduler indices) and eps ~ N(0, I) are drawn from ``generator`` (t
+    first) unless given."""
+    g_dev = generator.device if generator is not None else x0.device
+    if t is None:
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator, device=g_dev)
+    if eps is None:
+        eps = torch.randn(x0.shape, generator=generator, device=g_dev)
+    t, eps = t.to(x0.device), eps.to(x0.device)
+    pred = unet(scheduler.add_noise(x0, eps, t), t, class_labels=labels).sample
+    return F.mse_loss(pred.float(), eps, reduction="none").flatten(1), t
+
+
 def denoising_loss(unet, scheduler, x0, labels=None, generator=None, reduction="mean"):
     """L_simple of methods.md §0: ``||eps - eps_theta(x_t, t)||^2`` with t ~ U{1..T}, eps ~ N(0, I).
 
     ``reduction='none'`` returns one value per image (mean over pixels)."""
-    g_dev = generator.device if generator is not None else x0.device
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator, device=g_dev)
-    eps = torch.randn(x0.shape, generator=generator, device=g_dev)
-    t, eps = t.to(x0.device), eps.to(x0.device)
-    x_t = scheduler.add_noise(x0, eps, t)
-    pred = unet(x_t, t, class_labels=labels).sample
-    per = F.mse_loss(pred, eps, reduction="none").flatten(1).mean(1)
+    per = noise_prediction_error(unet, scheduler, x0, labels, generator)[0].mean(1)
     return per.mean() if reduction == "mean" else per
 
 
