@@ -54,6 +54,19 @@
 #
 # γ = ½ is the exact variational objective (up to a factor 2); other γ temper it.
 #
+# **A second stability term: the same KL, measured on the model's outputs.** `B` is a *parameter-space*
+# stand-in for "stay close to what the pretrained posterior allows". The quantity it protects is the
+# model's *distribution*; methods.md §2 gives that divergence directly: for two diffusion models with
+# the same forward process, pathwise `KL(q ‖ p_θ) ≤ Σ_t w_t E_{x_0∼q, ε}‖ε_θ(x_t, t) − ε_q(x_t, t)‖²`
+# (FU's objective). Its expectation is over the *pretrained model's* samples, which cost nothing and
+# need no retain data, so the data constraint is kept. `stability="function"` uses it (C_t = 1, mean over
+# pixels, replay samples drawn once from a seed bank) in place of B:
+#
+# $$B_	ext{fn}(	heta) = \mathbb E_{x_0\sim q,\,t,\,\epsilon}\,\|\epsilon_	heta(x_t,t) - \epsilon_{	heta^*}(x_t,t)\|^2,
+# \qquad L = \gamma B_	ext{fn} + (1-\gamma) A .$$
+#
+# This is *our* variant, not the paper's; the notebook runs both and reports which one holds the model.
+#
 # ## Hazards (measured below, not assumed)
 # 1. **Unbounded A.** Minimising A *raises* the forget denoising loss without limit: nothing in A
 #    says "enough". Only B and the number of steps keep the model alive — so the run needs a stop rule.
@@ -74,47 +87,48 @@
 #
 # **Profiles.** The `parameters` cell is the CPU *smoke* profile (~2-3 min on one thread, what nbval
 # runs); `params/vdu_unlearning-full.yaml` is the full profile (all 10 classes, γ / forget-size / K sweeps)
-# that writes `results/mnist/vdu.json`:
+# that writes `results/mnist/vdu_unlearning.json`:
 #
 # ```
 # cd notebooks && papermill vdu_unlearning.ipynb /tmp/vdu-full.ipynb -f params/vdu_unlearning-full.yaml
 # ```
 
 # %% tags=["parameters"]
-profile = "smoke"          # "full" writes results/mnist/vdu.json; anything else a git-ignored subfolder
-model_dir = "checkpoints/mnist/ddpm"    # diffusers folder with posterior.safetensors (relative to the repo)
-evaluator_dir = "checkpoints/mnist/evaluator"
-run_dir = "runs/mnist-ddpm"             # pretraining run whose snapshots rebuild the posterior for other K
+profile = "smoke"          # "full" writes results/mnist/vdu_unlearning.json; anything else a git-ignored subfolder
+dataset = "mnist"          # a dataset with a committed DDPM + posterior + evaluator under checkpoints/<dataset>/
+model_dir = None           # diffusers folder with posterior.safetensors (default checkpoints/<dataset>/ddpm)
+evaluator_dir = None       # default checkpoints/<dataset>/evaluator
 forget_class = 1           # the paper's MNIST example
-gamma = 0.5                # L = gamma * B + (1 - gamma) * A
-normalization = "mean"     # "mean" | "sum" (vdu.objectives)
-center = "deployed"        # "deployed" (theta*) | "mean" (checkpoint mean)
-weighting = "simple"       # C_t: "simple" | "elbo"
-steps = 30                 # maximum unlearning steps (the stop rule may end earlier)
-batch_size = 32
-lr = 1e-4                  # AdamW
-n_forget = 256             # forget-class training images available to the method
-K = None                   # None: the model's posterior.safetensors; an int: rebuild from K snapshots of run_dir
-stop_forget_ratio = 2.0    # stop rule: probe forget loss >= ratio x pretrained (None: off)
-probe_every = 1
-eval_every = 10            # PUL / confident share along the run (0: off)
+n_forget = 256             # forget-class training images available to the method (the data constraint)
+configs = {                # named unlearning settings (vdu.unlearning.UnlearnConfig fields), compared throughout
+    "vdu": dict(stability="posterior", gamma=0.5, lr=1e-6, steps=40, stop_forget_ratio=1.02),   # the paper's B
+    "vdu-function": dict(stability="function", gamma=0.8, lr=3e-5, steps=20, stop_forget_ratio=1.3,
+                         replay_samples=64, replay_ddim_steps=10),                              # our variant
+}
+common = dict(batch_size=32, normalization="mean", center="deployed", weighting="simple", probe_every=2)
+main_config = "vdu"        # the config of the before/after section
+trajectory_steps = 20      # "which works and why": every config (+ NegGrad) without stop rule ... (0: skip)
+trajectory_every = 10      # ... evaluated every N steps
+neggrad_lr = 1e-6          # NegGrad (gamma = 0) in the trajectories
 seed = 0
 n_samples = 64             # seed-bank samples per evaluation
 ddim_steps = 10
 n_reference = 500          # real retained-class test images for u-FID
 nll_images = 16            # forget / retain test images for the NLL bound
 nll_timesteps = 10         # stratified t-terms of the NLL bound
-ablation_steps = 10        # steps of each normalisation / centre variant (0: skip)
-classes = []               # full profile: every class -> the 10-row table
-gammas = []                # full profile: gamma sweep (PUL vs u-FID)
+ablation_steps = 0         # steps of each normalisation / centre variant of B (0: skip)
+classes = []               # full profile: every class x every config -> the 10-row table
+gammas = {}                # full profile: {config: [gamma, ...]}, the gamma sweep (PUL vs u-FID)
 forget_fractions = []      # full profile: share of the class's training images available
-ks = []                    # full profile: K sweep (needs >= max(ks) snapshots in run_dir)
+ks = []                    # full profile: K sweep of the posterior B (K seeded continuations of pretraining)
+k_gamma = 0.9              # gamma of the K sweep (where B binds; configs["vdu"] otherwise)
+continuation_steps = 50    # steps of each continuation in the K sweep
 threads = 1
 
 # %% tags=[]
 import copy
+import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -123,49 +137,44 @@ import torch
 from vdu.cards import grid_array
 from vdu.data import load_dataset
 from vdu.evaluator import load_evaluator
+from vdu.experiments import Evaluation, forget_split, unlearn_and_measure
 from vdu.models import load_model
 from vdu.posterior import load_posterior, make_posterior
 from vdu.results import REPO, machine, save_figure, write_results
-from vdu.unlearning import measure, unlearn
+from vdu.unlearning import unlearn
 
 torch.set_num_threads(threads)
 torch.manual_seed(seed)
 t_start = time.time()
+model_dir = model_dir or f"checkpoints/{dataset}/ddpm"
+evaluator_dir = evaluator_dir or f"checkpoints/{dataset}/evaluator"
 model_path = Path(model_dir) if Path(model_dir).is_absolute() else REPO / model_dir
 if not (model_path / "unet").exists():
     raise FileNotFoundError(f"no model at {model_path}: commit the MNIST DDPM there (vdu pretrain) or pass "
                             f"-p model_dir /path/to/model")
 unet, sched = load_model(model_path)
 evaluator = load_evaluator(REPO / evaluator_dir)
-post_path = model_path / "posterior.safetensors"
-if K is not None:
-    post_path = make_posterior(model_path, REPO / run_dir, k=K, out=Path("/tmp") / f"vdu_posterior_K{K}.safetensors",
-                               progress=False)
-posterior = load_posterior(post_path, unet)
+posterior = load_posterior(model_path / "posterior.safetensors", unet)
+configs = {name: {**common, **c, "seed": seed} for name, c in configs.items()}
+evaluation = Evaluation(n_samples, ddim_steps, seed, nll_timesteps)
 print(machine())
 print(f"model: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters; posterior K={posterior['k']} "
       f"({posterior['method']})")
+for name, c in configs.items():
+    print(f"{name}: {c}")
 
 # %% [markdown] tags=[]
 # ## Data: the forget set and the references
-# VDU sees only `n_forget` training images of the forget class. The evaluation uses test images:
+# The method sees only `n_forget` training images of the forget class. The evaluation uses test images:
 # real retained-class images as the u-FID reference, and small forget / retain sets for the NLL bound.
 
 # %% tags=[]
-train, test = load_dataset("mnist", "train"), load_dataset("mnist", "test")
-
-
-def split_for(c, n=None, fraction=None):
-    f_train, _ = train.split(c)
-    f_test, r_test = test.split(c)
-    forget = f_train.take(n, fraction=fraction, seed=seed)
-    return (forget.images, r_test.take(n_reference, seed=seed).images,
-            f_test.take(nll_images, seed=seed).images, r_test.take(nll_images, seed=seed + 1).images)
-
-
-x_forget, ref, nll_f, nll_r = split_for(forget_class, n_forget)
-print(f"forget class {forget_class}: {len(x_forget)} forget images; u-FID reference {len(ref)} retained-class "
-      f"test images; NLL on {len(nll_f)} + {len(nll_r)} test images, {nll_timesteps} t-terms")
+train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
+split = forget_split(train, test, forget_class, n_forget, n_reference=n_reference, nll_images=nll_images, seed=seed)
+x_forget = split.forget
+print(f"forget class {forget_class}: {len(x_forget)} forget images; u-FID reference {len(split.reference)} "
+      f"retained-class test images; NLL on {len(split.nll_forget)} + {len(split.nll_retain)} test images, "
+      f"{nll_timesteps} t-terms")
 
 # %% [markdown] tags=[]
 # ## The posterior and the scale mismatch
@@ -178,7 +187,6 @@ from vdu.objectives import StabilityRegularizer, plasticity_inducer
 std = torch.cat([v.sqrt().flatten() for v in posterior["var"].values()])
 print(f"sigma*: median {std.median():.2e}, 1% {std.quantile(0.01):.2e}, 99% {std.quantile(0.99):.2e} "
       f"(floor 1e-4 = sqrt(1e-8): {(std <= 1.0001e-4).float().mean():.1%} of parameters)")
-g = torch.Generator().manual_seed(seed)
 scale_rows = []
 for norm in ("mean", "sum"):
     for cen in ("deployed", "mean"):
@@ -186,7 +194,7 @@ for norm in ("mean", "sum"):
         reg = StabilityRegularizer(u, posterior, cen, norm)
         B = reg(u)
         gB = torch.autograd.grad(B, list(u.parameters()), allow_unused=True)
-        A, _ = plasticity_inducer(u, sched, x_forget[:batch_size], normalization=norm, dataset_size=len(x_forget),
+        A, _ = plasticity_inducer(u, sched, x_forget[:32], normalization=norm, dataset_size=len(x_forget),
                                   generator=torch.Generator().manual_seed(seed))
         gA = torch.autograd.grad(A, list(u.parameters()))
         nB = torch.sqrt(sum((x ** 2).sum() for x in gB if x is not None)).item()
@@ -196,133 +204,196 @@ for norm in ("mean", "sum"):
 del u
 
 # %% [markdown] tags=[]
+# With `"mean"` normalisation and the centre at θ*, B and its gradient vanish at the start, and a
+# parameter drifting by δ feels a pull `γ δ / (P σ*²)` against A's push `(1 − γ) |∂A/∂θ|`: B binds once
+# the drift reaches roughly `(1 − γ)/γ · P σ*² |∂A/∂θ|` — about `6e-5 (1 − γ)/γ` per weight here. AdamW moves
+# every weight by up to `lr` per step, so `lr` × steps against that radius decides whether γ matters.
+# With `"sum"` both terms are multiplied by huge, different factors (A by `N_f T D`, B by `P` relative
+# to the mean form), which is the literal objective's scale mismatch.
+#
 # ## Before: the pretrained model
 # Samples from the seed bank `seed` (the same noise for every model below), evaluator labels, u-FID
 # against retained-class test images, NLL bound on forget / retain test images.
 
 # %% tags=[]
-before, xs_before = measure(unet, sched, evaluator, forget_class, ref, n_samples, ddim_steps, seed,
-                            forget_nll_images=nll_f, retain_nll_images=nll_r, nll_timesteps=nll_timesteps)
+before, xs_before = evaluation(unet, sched, evaluator, split)
 print(f"before: forget share {before['forget_share']:.3f}, confident {before['confident_share']:.3f}, "
       f"u-FID {before['u_fid']:.2f}, NLL forget {before['forget_nll']:.3f} / retain {before['retain_nll']:.3f} bits/dim")
 
 # %% [markdown] tags=[]
-# ## Unlearning the forget class
-# One call; the config fields are `vdu.unlearning.UnlearnConfig`. The stop rule measures the
-# forget denoising loss on a fixed probe (fixed images, t and ε) every `probe_every` steps and stops
-# once it reaches `stop_forget_ratio` × its pretrained value — the likelihood constraint
-# `E_{D_f}[−log p] ≥ b` of methods.md §2 expressed through the denoising bound.
+# ## Which stability term holds the model (and why a stop rule is needed)
+# Every config, and NegGrad (A alone), run for `trajectory_steps` steps **without** the stop rule,
+# evaluated along the way on the same seed bank. The probe forget loss (fixed images, t and ε) shows
+# the runaway: once the model starts to break, raising the forget loss gets easier and the loss
+# grows super-linearly — on every class at once, since nothing in A tells the forget class apart.
 
 # %% tags=[]
-cfg = dict(gamma=gamma, normalization=normalization, center=center, weighting=weighting, steps=steps,
-           batch_size=batch_size, lr=lr, seed=seed, probe_every=probe_every, stop_forget_ratio=stop_forget_ratio,
-           eval_every=eval_every, eval_samples=n_samples, eval_ddim_steps=ddim_steps, eval_seed=seed, progress=False)
+trajectories = {}
+runs = {**configs, "neggrad": {**common, "lr": neggrad_lr, "seed": seed}} if trajectory_steps else {}
+for name, c in runs.items():
+    m = unlearn(unet, x_forget, "neggrad" if name == "neggrad" else "vdu", sched, posterior=posterior,
+                evaluator=evaluator, forget_class=forget_class, eval_reference=split.reference,
+                **{**c, "steps": trajectory_steps, "stop_forget_ratio": None, "eval_every": trajectory_every,
+                   "eval_samples": n_samples, "eval_ddim_steps": ddim_steps, "eval_seed": seed, "progress": False})
+    p0 = m.unlearn_log.probes[0]["forget_loss"]
+    probes = {p["step"]: p["forget_loss"] / p0 for p in m.unlearn_log.probes}
+    trajectories[name] = [dict(e, forget_loss_ratio=probes.get(e["step"])) for e in m.unlearn_log.evals]
+    for e in trajectories[name]:
+        print(f"{name:>13} step {e['step']:3d}: forget loss x{e['forget_loss_ratio']:.3f}  PUL {e['pul']:6.1f}%  "
+              f"confident {e['confident_share']:.2f}  u-FID {e['u_fid']:.2f}")
+if trajectories:
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.3))
+    for name, tr in trajectories.items():
+        st = [e["step"] for e in tr]
+        ax[0].plot(st, [e["forget_loss_ratio"] for e in tr], "o-", label=name)
+        ax[1].plot(st, [e["pul"] for e in tr], "o-", label=name)
+        ax[2].plot(st, [e["u_fid"] for e in tr], "o-", label=name)
+    ax[0].set_yscale("log"); ax[0].set_title("probe forget loss / pretrained")
+    ax[1].set_title("PUL (%)"); ax[2].set_title("u-FID"); ax[2].set_yscale("log"); ax[2].legend()
+    for a in ax:
+        a.set_xlabel("step")
+    save_figure(fig, dataset, "vdu-trajectories", profile)
+
+# %% [markdown] tags=[]
+# ## Unlearning the forget class with the stop rule
+# One call; the config fields are `vdu.unlearning.UnlearnConfig`. The stop rule measures the forget
+# denoising loss on the fixed probe every `probe_every` steps and stops once it reaches
+# `stop_forget_ratio` × its pretrained value — the likelihood constraint `E_{D_f}[−log p] ≥ b` of
+# methods.md §2 expressed through the denoising bound, with `b` set just below the runaway.
+
+# %% tags=[]
+cfg = configs[main_config]
 t0 = time.time()
-unl = unlearn(unet, x_forget, "vdu", sched, posterior=posterior, evaluator=evaluator, forget_class=forget_class, **cfg)
+unl = unlearn(unet, x_forget, "vdu", sched, posterior=posterior, **{**cfg, "progress": False})
 unlearn_s = time.time() - t0
 log = unl.unlearn_log
-print(f"stopped: {log.stop_reason} after {log.steps_done} steps ({unlearn_s:.0f} s incl. evaluations)")
+print(f"{main_config}: stopped ({log.stop_reason}) after {log.steps_done} steps, {unlearn_s:.0f} s")
 for e in log.events:
     print(" ", e)
-
-# %% tags=[]
-fig, ax = plt.subplots(1, 3, figsize=(12, 3))
+fig, ax = plt.subplots(1, 2, figsize=(9, 3))
 st = log.steps
-ax[0].plot([s["step"] for s in st], [s["A"] for s in st], label="A"); ax[0].plot([s["step"] for s in st], [s["B"] for s in st], label="B")
+ax[0].plot([s["step"] for s in st], [s["A"] for s in st], label="A")
+ax[0].plot([s["step"] for s in st], [s["B"] for s in st], label="B")
 ax[0].plot([s["step"] for s in st], [s["loss"] for s in st], label="loss"); ax[0].legend(); ax[0].set_xlabel("step")
 ax[1].plot([p["step"] for p in log.probes], [p["forget_loss"] for p in log.probes], "o-")
-if stop_forget_ratio:
-    ax[1].axhline(stop_forget_ratio * log.probes[0]["forget_loss"], ls="--", c="k", label="stop threshold"); ax[1].legend()
-ax[1].set_yscale("log"); ax[1].set_title("probe forget L_simple"); ax[1].set_xlabel("step")
-if log.evals:
-    ax[2].plot([e["step"] for e in log.evals], [e["forget_share"] for e in log.evals], "o-", label="forget share")
-    ax[2].plot([e["step"] for e in log.evals], [e["confident_share"] for e in log.evals], "s-", label="confident share")
-    ax[2].legend(); ax[2].set_xlabel("step")
-save_figure(fig, "mnist", "vdu-run", profile);
+if cfg.get("stop_forget_ratio"):
+    ax[1].axhline(cfg["stop_forget_ratio"] * log.probes[0]["forget_loss"], ls="--", c="k", label="stop threshold")
+    ax[1].legend()
+ax[1].set_title("probe forget L_simple"); ax[1].set_xlabel("step")
+save_figure(fig, dataset, "vdu-run", profile);
 
 # %% [markdown] tags=[]
 # ## After: same seed bank, same metrics
 
 # %% tags=[]
-after, xs_after = measure(unl, sched, evaluator, forget_class, ref, n_samples, ddim_steps, seed, before=before,
-                          forget_nll_images=nll_f, retain_nll_images=nll_r, nll_timesteps=nll_timesteps)
+after, xs_after = evaluation(unl, sched, evaluator, split, before=before)
 print(f"after:  forget share {after['forget_share']:.3f}, PUL {after['pul']:.1f}%, confident {after['confident_share']:.3f}, "
       f"u-FID {after['u_fid']:.2f} ({after['u_fid'] / before['u_fid']:.2f}x pretrained), "
       f"NLL forget {after['forget_nll']:.3f} / retain {after['retain_nll']:.3f} bits/dim")
 fig, ax = plt.subplots(1, 3, figsize=(12, 4))
 ax[0].imshow(grid_array(xs_before[:64]), cmap="gray"); ax[0].set_title("before"); ax[0].set_axis_off()
-ax[1].imshow(grid_array(xs_after[:64]), cmap="gray"); ax[1].set_title(f"after VDU (forget {forget_class})"); ax[1].set_axis_off()
+ax[1].imshow(grid_array(xs_after[:64]), cmap="gray"); ax[1].set_title(f"after {main_config} (forget {forget_class})")
+ax[1].set_axis_off()
 w = 0.4
 ax[2].bar([i - w / 2 for i in range(10)], before["counts"], w, label="before")
 ax[2].bar([i + w / 2 for i in range(10)], after["counts"], w, label="after")
 ax[2].set_xticks(range(10)); ax[2].legend(); ax[2].set_title("evaluator labels")
-save_figure(fig, "mnist", "vdu-before-after", profile);
+save_figure(fig, dataset, "vdu-before-after", profile);
 
 # %% [markdown] tags=[]
-# ## Normalisation and centre: which works and why
-# The same run (no stop rule, `ablation_steps` steps) under the four combinations. Watch the probe
-# forget loss *and* the confident share / u-FID: a huge forget loss with few confident samples is a
-# collapse, an unchanged forget loss means B pinned the weights.
+# ## Normalisation and centre of B: which works and why
+# The paper's B under the four combinations, `ablation_steps` steps at the main config's learning
+# rate, no stop rule. An unchanged forget loss means B pinned the weights; a huge forget loss with few
+# confident samples is a collapse.
 
 # %% tags=[]
 ablation = []
 for norm in ("mean", "sum") if ablation_steps else ():
     for cen in ("deployed", "mean"):
-        m = unlearn(unet, x_forget, "vdu", sched, posterior=posterior, **{**cfg, "normalization": norm, "center": cen,
-                    "steps": ablation_steps, "stop_forget_ratio": None, "eval_every": 0, "probe_every": ablation_steps})
-        r, _ = measure(m, sched, evaluator, forget_class, ref, n_samples, ddim_steps, seed, before=before)
-        pr = m.unlearn_log.probes
-        ablation.append(dict(normalization=norm, center=cen, steps=ablation_steps, pul=r["pul"],
-                             confident_share=r["confident_share"], u_fid=r["u_fid"],
-                             forget_loss_ratio=pr[-1]["forget_loss"] / pr[0]["forget_loss"]))
-        print(f"{norm:>4} / {cen:>8}: forget loss x{ablation[-1]['forget_loss_ratio']:.2f}, PUL {r['pul']:.1f}%, "
-              f"confident {r['confident_share']:.2f}, u-FID {r['u_fid']:.2f}")
+        c = {**configs["vdu"], "normalization": norm, "center": cen, "steps": ablation_steps, "stop_forget_ratio": None,
+             "probe_every": ablation_steps}
+        row = unlearn_and_measure(unet, sched, evaluator, split, before, c, evaluation, posterior, nll=False,
+                                  name=f"{norm}/{cen}")
+        ablation.append(row)
+        print(f"{norm:>4} / {cen:>8}: PUL {row['pul']:.1f}%, confident {row['confident_share_after']:.2f}, "
+              f"u-FID {row['u_fid_after']:.2f}")
 
 # %% [markdown] tags=[]
 # ## Full profile: every class, the γ trade-off, the data constraint (forget-set size) and K
-# Empty lists in the smoke profile. Each entry is one `unlearn` call with the settings above plus
-# one `measure` (the evaluation dominates the cost).
+# Empty lists in the smoke profile. Each row is one `unlearn` call plus one evaluation on the same seed
+# bank as the class's pretrained numbers (`vdu.experiments`).
 
 # %% tags=[]
-def run_one(c, **over):
-    xf, rf, nf, nr = split_for(c, **({"n": n_forget} if "fraction" not in over else {"fraction": over.pop("fraction")}))
-    b, _ = measure(unet, sched, evaluator, c, rf, n_samples, ddim_steps, seed, forget_nll_images=nf,
-                   retain_nll_images=nr, nll_timesteps=nll_timesteps)
-    post = over.pop("posterior", posterior)
-    t0 = time.time()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        m = unlearn(unet, xf, "vdu", sched, posterior=post, **{**cfg, "eval_every": 0, **over})
-    secs = time.time() - t0
-    a, _ = measure(m, sched, evaluator, c, rf, n_samples, ddim_steps, seed, before=b, forget_nll_images=nf,
-                   retain_nll_images=nr, nll_timesteps=nll_timesteps)
-    return dict(forget_class=c, n_forget=len(xf), steps=m.unlearn_log.steps_done, stop=m.unlearn_log.stop_reason,
-                unlearn_s=round(secs, 1), pul=a["pul"], forget_share_before=b["forget_share"],
-                forget_share_after=a["forget_share"], confident_before=b["confident_share"],
-                confident_after=a["confident_share"], u_fid_before=b["u_fid"], u_fid_after=a["u_fid"],
-                forget_nll_before=b["forget_nll"], forget_nll_after=a["forget_nll"],
-                retain_nll_before=b["retain_nll"], retain_nll_after=a["retain_nll"], **over)
+splits, befores = {}, {}
 
 
-table = [run_one(c) for c in classes]
-for r in table:
-    print(f"class {r['forget_class']}: PUL {r['pul']:5.1f}%  u-FID {r['u_fid_before']:.2f} -> {r['u_fid_after']:.2f}  "
-          f"confident {r['confident_before']:.2f} -> {r['confident_after']:.2f}  NLL f {r['forget_nll_before']:.2f} -> "
-          f"{r['forget_nll_after']:.2f}  r {r['retain_nll_before']:.2f} -> {r['retain_nll_after']:.2f}  "
-          f"({r['steps']} steps, {r['unlearn_s']} s)")
-gamma_sweep = [run_one(forget_class, gamma=gm) for gm in gammas]
-size_sweep = [run_one(forget_class, fraction=fr) for fr in forget_fractions]
-k_sweep = [run_one(forget_class, posterior=load_posterior(make_posterior(
-    model_path, REPO / run_dir, k=k, out=Path("/tmp") / f"vdu_posterior_K{k}.safetensors", progress=False), unet), K=k)
-    for k in ks]
+def class_data(c):
+    if c not in splits:
+        splits[c] = forget_split(train, test, c, n_forget, n_reference=n_reference, nll_images=nll_images, seed=seed)
+        befores[c] = evaluation(unet, sched, evaluator, splits[c])[0]
+    return splits[c], befores[c]
+
+
+def show(r):
+    print(f"{r['config']:>13} class {r['forget_class']}: PUL {r['pul']:6.1f}%  u-FID {r['u_fid_before']:.2f} -> "
+          f"{r['u_fid_after']:.2f} (x{r['u_fid_ratio']:.2f})  confident {r['confident_share_before']:.2f} -> "
+          f"{r['confident_share_after']:.2f}  ({r['steps']} steps, {r['stop']}, {r['unlearn_s']} s)")
+
+
+table = []
+for c in classes:
+    for name, cf in configs.items():
+        table.append(unlearn_and_measure(unet, sched, evaluator, *class_data(c), cf, evaluation, posterior, name=name))
+        show(table[-1])
+
+# %% [markdown] tags=[]
+# **The γ trade-off.** Same class, every config, γ varied (the stop rule stays on, so each point is
+# where the constraint was met or the step budget ran out).
+
+# %% tags=[]
+gamma_sweep = []
+for name, cf in configs.items():
+    for gm in gammas.get(name, []):
+        r = unlearn_and_measure(unet, sched, evaluator, *class_data(forget_class), {**cf, "gamma": gm}, evaluation,
+                                posterior, nll=False, name=name)
+        gamma_sweep.append({**r, "gamma": gm})
+        show(r)
 if gamma_sweep:
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    ax.plot([r["u_fid_after"] / r["u_fid_before"] for r in gamma_sweep], [r["pul"] for r in gamma_sweep], "o-")
-    for r in gamma_sweep:
-        ax.annotate(f"γ={r['gamma']}", (r["u_fid_after"] / r["u_fid_before"], r["pul"]))
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    for name in gammas:
+        rs = [r for r in gamma_sweep if r["config"] == name]
+        ax.plot([r["u_fid_ratio"] for r in rs], [r["pul"] for r in rs], "o-", label=name)
+        for r in rs:
+            ax.annotate(f"γ={r['gamma']}", (r["u_fid_ratio"], r["pul"]), fontsize=7)
     ax.axvline(1.5, ls="--", c="k"); ax.axhline(95, ls="--", c="k")
-    ax.set_xlabel("u-FID / pretrained u-FID"); ax.set_ylabel("PUL (%)"); ax.set_title(f"gamma sweep, class {forget_class}")
-    save_figure(fig, "mnist", "vdu-gamma-sweep", profile)
+    ax.set_xscale("log"); ax.set_xlabel("u-FID / pretrained u-FID"); ax.set_ylabel("PUL (%)")
+    ax.set_title(f"gamma sweep, forget class {forget_class}"); ax.legend()
+    save_figure(fig, dataset, "vdu-gamma-sweep", profile)
+
+# %% [markdown] tags=[]
+# **The data constraint and K.** Fewer forget images; fewer checkpoints in the posterior (K seeded
+# continuations of pretraining, `continuation_steps` each — the committed posterior is K=5 late snapshots).
+
+# %% tags=[]
+size_sweep = []
+for name, cf in configs.items() if forget_fractions else ():
+    for fr in forget_fractions:
+        sp = forget_split(train, test, forget_class, fraction=fr, n_reference=n_reference, nll_images=nll_images,
+                          seed=seed)
+        r = unlearn_and_measure(unet, sched, evaluator, sp, class_data(forget_class)[1], cf, evaluation, posterior,
+                                nll=False, name=name)
+        size_sweep.append({**r, "fraction": fr})
+        show(r)
+k_sweep = []
+work = Path(tempfile.mkdtemp(prefix="vdu-k-sweep-"))
+for k in ks:
+    pk = load_posterior(make_posterior(model_path, method="continuations", k=k, continuation_steps=continuation_steps,
+                                       work_dir=work, out=work / f"posterior-K{k}.safetensors", progress=False), unet)
+    r = unlearn_and_measure(unet, sched, evaluator, *class_data(forget_class), {**configs["vdu"], "gamma": k_gamma},
+                            evaluation, pk, nll=False, name="vdu")
+    k_sweep.append({**r, "K": k, "gamma": k_gamma, "posterior": "continuations", "median_sigma":
+                    torch.cat([v.sqrt().flatten() for v in pk["var"].values()]).median().item()})
+    show(r)
 
 # %% [markdown] tags=[]
 # ## Results file
@@ -332,16 +403,16 @@ def clean(d):
     return {k: v for k, v in d.items() if k != "labels"}
 
 
-numbers = {"config": {**cfg, "forget_class": forget_class, "n_forget": n_forget, "K": posterior["k"],
-                      "model_dir": model_dir, "evaluator_dir": evaluator_dir},
+numbers = {"configs": configs, "main_config": main_config, "forget_class": forget_class, "n_forget": n_forget,
+           "K": posterior["k"], "model_dir": model_dir, "evaluator_dir": evaluator_dir,
            "evaluation": {"samples": n_samples, "ddim_steps": ddim_steps, "seed_bank": seed,
                           "u_fid": f"domain FID (evaluator features) vs {n_reference} retained-class test images",
                           "nll": f"{nll_images} test images, {nll_timesteps} stratified t-terms"},
-           "scale_at_theta_star": scale_rows, "before": clean(before), "after": clean(after),
-           "run": {**log.summary(), "wall_s_with_evals": round(unlearn_s, 1)}, "ablation": ablation,
-           "classes": table, "gamma_sweep": gamma_sweep, "size_sweep": size_sweep, "k_sweep": k_sweep,
+           "scale_at_theta_star": scale_rows, "trajectories": trajectories, "before": clean(before),
+           "after": clean(after), "run": log.summary(), "ablation": ablation, "classes": table,
+           "gamma_sweep": gamma_sweep, "size_sweep": size_sweep, "k_sweep": k_sweep,
            "notebook_wall_s": round(time.time() - t_start, 1)}
-path = write_results("mnist", "vdu", numbers, profile)
+path = write_results(dataset, "vdu_unlearning", numbers, profile)
 print("wrote", path.relative_to(REPO))
 
 # %% tags=[]

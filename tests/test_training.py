@@ -75,10 +75,19 @@ def test_posterior_from_continuations(tmp_path, small_data, monkeypatch):
     monkeypatch.setattr(vdu.training, "load_dataset", lambda *a, **k: small_data)
     model = pretrain(_cfg(tmp_path / "e", k_snapshots=2), data=small_data, progress=False)
     from vdu.models import load_model
+    work = tmp_path / "work"
     post = load_posterior(make_posterior(model, method="continuations", k=2, continuation_steps=2,
-                                          continuation_lr=1e-2, progress=False), load_model(model)[0])
+                                          continuation_lr=1e-2, progress=False, work_dir=work,
+                                          out=tmp_path / "k2.safetensors"), load_model(model)[0])
     assert post["method"] == "continuations" and post["k"] == 2
     assert (post["var"]["conv_in.weight"] > 1e-8).any()
+    assert not list(model.parent.glob(".continuation*"))       # nothing written beside the model
+    first = (work / "continuation0" / "state.pt").stat().st_mtime_ns
+    post3 = load_posterior(make_posterior(model, method="continuations", k=3, continuation_steps=2,
+                                          continuation_lr=1e-2, progress=False, work_dir=work,
+                                          out=tmp_path / "k3.safetensors"), load_model(model)[0])
+    assert post3["k"] == 3 and (work / "continuation2").exists()
+    assert (work / "continuation0" / "state.pt").stat().st_mtime_ns == first   # K sweep reuses finished seeds
 
 
 def test_gaussian_needs_two_matching_checkpoints():

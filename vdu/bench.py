@@ -61,22 +61,31 @@ def run(dataset: str = "mnist", batch: int = 64, repeats: int = 5) -> dict:
 
 def vdu_step_cost(unet, sched, x, repeats: int = 5) -> dict:
     """Seconds of one VDU step (methods.md §1: L = gamma B + (1 - gamma) A, "mean" normalisation)
-    relative to one plain denoising fine-tuning step on the same batch (issue goal: <= 1.1x)."""
-    from .objectives import StabilityRegularizer, vdu_loss
+    relative to one plain denoising fine-tuning step on the same batch (issue goal: <= 1.1x); and of one
+    step with ``stability="function"`` (the replay KL doubles the forward/backward work: expect ~2x)."""
+    import copy
+
+    from .objectives import StabilityRegularizer, function_space_kl, plasticity_inducer, vdu_loss
 
     post = {"mean": {n: p.detach().clone() for n, p in unet.named_parameters()},
             "var": {n: torch.full_like(p, 1e-6) for n, p in unet.named_parameters()}}
     reg = StabilityRegularizer(unet, post, center="mean")
     plain = _stepper(unet, lambda: denoising_loss(unet, sched, x))
     vdu = _stepper(unet, lambda: vdu_loss(unet, sched, x, reg, 0.5)["loss"])
+    teacher = copy.deepcopy(unet).requires_grad_(False)
+    replay = x.flip(0)
+    fn = _stepper(unet, lambda: 0.1 * plasticity_inducer(unet, sched, x)[0]
+                  + 0.9 * function_space_kl(unet, teacher, sched, replay))
 
-    # interleave to share machine-load drift fairly between the two
-    tp, tv = [], []
+    # interleave to share machine-load drift fairly between them
+    tp, tv, tf = [], [], []
     for _ in range(3):
         tp.append(_time(plain, repeats, 1))
         tv.append(_time(vdu, repeats, 1))
-    tp, tv = min(tp), min(tv)
-    return {"finetune_step_s": round(tp, 4), "vdu_step_s": round(tv, 4), "vdu_step_ratio": round(tv / tp, 3)}
+        tf.append(_time(fn, repeats, 1))
+    tp, tv, tf = min(tp), min(tv), min(tf)
+    return {"finetune_step_s": round(tp, 4), "vdu_step_s": round(tv, 4), "vdu_step_ratio": round(tv / tp, 3),
+            "vdu_function_step_s": round(tf, 4), "vdu_function_step_ratio": round(tf / tp, 3)}
 
 
 def main() -> None:

@@ -32,6 +32,12 @@ stores as ``deployed``). Unlearning starts from theta*, so with ``"mean"`` B is 
 0 and its gradient first pulls the EMA weights towards the (noisier) raw-checkpoint mean; with
 ``"deployed"`` B is exactly 0 at the start.
 
+**Function-space stability** (``function_space_kl``, our variant, used by ``unlearn(...,
+stability="function")``): B replaced by the pathwise ``KL(q || p_theta)`` of methods.md §2 estimated on
+samples of the pretrained model (replay), i.e. "stay close to the pretrained model" measured on the
+outputs instead of through a Gaussian over the parameters. Measured on MNIST (notebooks/vdu_unlearning):
+it holds the model where the parameter-space B does not.
+
 NegGrad (methods.md §3): plain gradient ascent on the forget-set denoising loss, ``L = -L_simple``
 (VDU with gamma = 0 and ``weighting="simple"``, ``normalization="mean"``).
 """
@@ -153,6 +159,27 @@ def vdu_loss(unet, scheduler, x0: torch.Tensor, regularizer: StabilityRegularize
                                 generator, t, eps, weights)
     B = regularizer(unet) if gamma > 0 else torch.zeros((), device=x0.device)
     return {"loss": gamma * B + (1 - gamma) * A, "A": A, "B": B, "forget_loss": per.mean()}
+
+
+def function_space_kl(unet, teacher, scheduler, x0: torch.Tensor, labels=None, generator=None, t=None,
+                      eps=None) -> torch.Tensor:
+    """Pathwise ``KL(q || p_theta)`` up to the weights C_t = 1 (methods.md §2, FU objective): the mean over
+    the batch and pixels of ``||eps_theta(x_t, t) - eps_q(x_t, t)||^2`` with ``x_0 ~ q`` (``x0``: samples
+    of the pretrained model ``teacher``), t ~ U{1..T}, x_t from the forward process.
+
+    VDU's ``stability="function"`` uses it in place of B: the same "stay close to the pretrained model"
+    term, measured on the model's outputs instead of through a Gaussian over its parameters. Needs
+    only the pretrained model (replay samples), so the data-constrained setting is kept."""
+    g_dev = generator.device if generator is not None else x0.device
+    if t is None:
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator, device=g_dev)
+    if eps is None:
+        eps = torch.randn(x0.shape, generator=generator, device=g_dev)
+    t, eps = t.to(x0.device), eps.to(x0.device)
+    xt = scheduler.add_noise(x0, eps, t)
+    with torch.no_grad():
+        target = teacher(xt, t, class_labels=labels).sample.float()
+    return (unet(xt, t, class_labels=labels).sample.float() - target).pow(2).mean()
 
 
 def neggrad_loss(unet, scheduler, x0: torch.Tensor, generator=None, labels=None, t=None, eps=None) -> dict:

@@ -101,8 +101,12 @@ def load_posterior(path: str | os.PathLike, model: torch.nn.Module) -> dict:
 
 def make_posterior(model_dir: str | os.PathLike, run_dir: str | os.PathLike | None = None, k: int = 4,
                    method: str = "snapshots", continuation_steps: int = 200, continuation_lr: float = 1e-4,
-                   out: str | os.PathLike | None = None, progress: bool = True) -> Path:
-    """Build ``model_dir/posterior.safetensors`` from K checkpoints (see module docstring)."""
+                   out: str | os.PathLike | None = None, progress: bool = True,
+                   work_dir: str | os.PathLike | None = None) -> Path:
+    """Build ``model_dir/posterior.safetensors`` (or ``out``) from K checkpoints (see module docstring).
+
+    'continuations' trains in ``work_dir`` (default: a fresh temporary folder); finished continuations
+    found there are reused, so a K sweep with one ``work_dir`` trains each seed once."""
     from .models import load_model
     from .training import TrainConfig, pretrain, snapshot_files
 
@@ -118,14 +122,16 @@ def make_posterior(model_dir: str | os.PathLike, run_dir: str | os.PathLike | No
         sds = [load_file(f) for f in files]
     elif method == "continuations":
         import json
+        import tempfile
         base = json.loads((model_dir / "train.json").read_text())["config"]
+        work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="vdu-continuations-"))
         sds = []
         for i in range(k):
             cfg = TrainConfig(**{**base, "init": str(model_dir), "seed": 1000 + i, "steps": continuation_steps,
                                  "warmup": 1, "lr": continuation_lr, "lr_final_frac": 1.0, "k_snapshots": 1,
                                  "snapshot_every": continuation_steps, "checkpoint_every": continuation_steps,
-                                 "out": str(model_dir.parent / f".continuation{i}"),
-                                 "export": str(model_dir.parent / f".continuation{i}/model")})
+                                 "out": str(work / f"continuation{i}"),
+                                 "export": str(work / f"continuation{i}/model")})
             pretrain(replace(cfg), progress=progress)
             sds.append(load_file(snapshot_files(cfg.out)[-1]))
     else:

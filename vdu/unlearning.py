@@ -21,6 +21,10 @@ narrow, a collapsed model can look like forgetting):
 - **Divergence guard**: a non-finite loss/A/B/gradient, or a forget loss above ``explode_ratio``
   times its initial value, stops the run, restores the last weights whose loss was finite and sane,
   warns, and records the event in the log.
+- **The stability term** (``stability``): "posterior" is the paper's B (K-checkpoint Gaussian over the
+  parameters); "function" the pathwise KL to the pretrained model on its own samples
+  (``vdu.objectives.function_space_kl``), which needs no retain data either. ``optimizer`` "sgd" and
+  ``precondition`` (steps scaled by sigma*^2) change how the parameter-space objective is optimised.
 - **Quality monitoring** (optional, needs an evaluator): every ``eval_every`` steps, samples from a
   fixed seed bank give the forget-class share, PUL and the confident share; with
   ``collapse_confident_min`` the run stops and restores the previous evaluation's weights when the
@@ -45,12 +49,19 @@ from . import objectives
 from .models import build_scheduler, check_images, null_class, save_model
 
 METHODS = ("vdu", "neggrad")
+OPTIMIZERS = ("adamw", "sgd")
+STABILITIES = ("posterior", "function")
 
 
 @dataclass
 class UnlearnConfig:
     # --- the objective (vdu.objectives, methods.md §1) ---
     gamma: float = 0.5                # weight of B: L = gamma * B + (1 - gamma) * A, in [0, 1]
+    stability: str = "posterior"      # B: "posterior" (methods.md §1, Gaussian from K checkpoints) or "function"
+                                      #    (pathwise KL(q || p_theta) on replay samples of the pretrained model, §2)
+    replay_samples: int = 256         # stability="function": pretrained-model samples drawn once (seed bank replay_seed)
+    replay_ddim_steps: int = 20       # DDIM steps of those samples
+    replay_seed: int = 12345          # seed bank of the replay samples (not the evaluation's)
     normalization: str = "mean"       # "mean": B / P and A = batch-pixel mean; "sum": the literal sums
     center: str = "deployed"          # mu* of B: "deployed" (theta*, the served weights) or "mean" (checkpoint mean)
     weighting: str = "simple"         # C_t: "simple" (1, L_simple) or "elbo" (DDPM ELBO weights)
@@ -58,7 +69,9 @@ class UnlearnConfig:
     # --- optimisation ---
     steps: int = 100                  # maximum AdamW steps (the stop rule may end the run earlier)
     batch_size: int = 64              # forget images per step (fewer if the forget set is smaller)
-    lr: float = 1e-4                  # AdamW learning rate (constant)
+    lr: float = 1e-4                  # learning rate (constant)
+    optimizer: str = "adamw"          # "adamw" or "sgd" (plain gradient steps: the move is proportional to the gradient)
+    precondition: bool = False        # scale each gradient by sigma*_i^2 / mean(sigma*^2): mobile where the posterior is wide
     weight_decay: float = 0.0         # AdamW weight decay (0: B is the only pull towards theta*)
     grad_clip: float | None = 1.0     # gradient-norm clip (None: off)
     seed: int = 0                     # batches, t and eps of the run and of the probe
@@ -191,13 +204,14 @@ def make_evaluation(evaluator, forget_class: int, scheduler, n: int = 64, ddim_s
 
 def unlearn(model, forget_data, method: str = "vdu", scheduler=None, posterior=None,
             config: UnlearnConfig | None = None, evaluator=None, forget_class: int | None = None,
-            callback: Callable | None = None, **overrides):
+            callback: Callable | None = None, eval_reference=None, **overrides):
     """Unlearn ``forget_data`` (ImageData or an (N, C, H, W) tensor in [-1, 1]) from a diffusers UNet.
 
     ``method``: 'vdu' (methods.md §1; needs ``posterior``: a path or a ``load_posterior`` dict) or
     'neggrad'. ``scheduler``: the model's DDPM noise schedule (default ``build_scheduler()``).
     ``config`` / ``**overrides``: :class:`UnlearnConfig` fields. ``evaluator`` + ``forget_class``
-    turn on the evaluations of ``eval_every``; ``callback(step, model, log)`` is called after every
+    turn on the evaluations of ``eval_every`` (with u-FID when ``eval_reference``, real retained-class
+    images, is given); ``callback(step, model, log)`` is called after every
     step and may return True to stop. Returns the unlearned model, with ``model.unlearn_log``
     (:class:`UnlearnLog`). The model is left in eval mode.
     """
@@ -213,6 +227,10 @@ def unlearn(model, forget_data, method: str = "vdu", scheduler=None, posterior=N
     objectives._check("normalization", cfg.normalization, objectives.NORMALIZATIONS)
     objectives._check("center", cfg.center, objectives.CENTERS)
     objectives._check("weighting", cfg.weighting, objectives.WEIGHTINGS)
+    if cfg.stability not in STABILITIES:
+        raise ValueError(f"stability must be one of {STABILITIES}, got {cfg.stability!r}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
     if cfg.steps < 0 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0 (got {cfg.steps}, {cfg.batch_size}, {cfg.lr})")
     x = _as_images(forget_data)
@@ -226,18 +244,33 @@ def unlearn(model, forget_data, method: str = "vdu", scheduler=None, posterior=N
     null = null_class(unet)
     labels = None if null is None else torch.full((len(x),), null, dtype=torch.long)
 
-    reg = None
-    if method == "vdu":
+    reg = teacher = replay = None
+    if method == "vdu" and cfg.stability == "posterior":
         post = _resolve_posterior(posterior, unet)
         reg = objectives.StabilityRegularizer(unet, post, cfg.center, cfg.normalization, cfg.var_floor)
+    elif method == "vdu":
+        from .sampling import sample
+        teacher = copy.deepcopy(unet).eval().requires_grad_(False)
+        replay = sample(teacher, scheduler, cfg.replay_samples, seed=cfg.replay_seed, steps=cfg.replay_ddim_steps,
+                        class_labels=null, progress=False).cpu()
     weights = objectives.timestep_weights(scheduler, cfg.weighting, cfg.normalization)
     log = UnlearnLog(method, asdict(cfg))
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    precond = None
+    if cfg.precondition:
+        if reg is None:
+            raise ValueError("precondition=True needs method='vdu' (the posterior variances)")
+        var = [0.5 / pr for pr in reg.prec]           # sigma*^2 (floored), in parameter order
+        mean_var = sum(v.sum() for v in var) / sum(v.numel() for v in var)
+        precond = [v / mean_var for v in var]         # relative mobility: mean 1, so lr keeps its meaning
     gen = torch.Generator().manual_seed(cfg.seed)
     probe = _Probe(x, scheduler, cfg, labels) if cfg.probe_every else None
     evaluate = make_evaluation(evaluator, forget_class, scheduler, cfg.eval_samples, cfg.eval_ddim_steps,
-                               cfg.eval_seed) if cfg.eval_every else None
+                               cfg.eval_seed, eval_reference) if cfg.eval_every else None
     good = [p.detach().clone() for p in params]      # last weights whose loss was finite and sane
     eval_good = None                                  # weights of the last evaluation that passed
     t0 = time.time()
@@ -276,9 +309,16 @@ def unlearn(model, forget_data, method: str = "vdu", scheduler=None, posterior=N
         idx = perm[i * bs:(i + 1) * bs]
         xb = x[idx].to(dev)
         lb = None if labels is None else labels[idx].to(dev)
-        if method == "vdu":
+        if method == "vdu" and reg is not None:
             out = objectives.vdu_loss(unet, scheduler, xb, reg, cfg.gamma, cfg.weighting, dataset_size=n,
                                       generator=gen, labels=lb, weights=weights)
+        elif method == "vdu":
+            A, per = objectives.plasticity_inducer(unet, scheduler, xb, cfg.weighting, "mean", n, lb, gen,
+                                                   weights=weights)
+            ridx = torch.randint(0, len(replay), (len(xb),), generator=gen)
+            B = (objectives.function_space_kl(unet, teacher, scheduler, replay[ridx].to(dev), lb, gen)
+                 if cfg.gamma > 0 else torch.zeros((), device=dev))
+            out = {"loss": cfg.gamma * B + (1 - cfg.gamma) * A, "A": A, "B": B, "forget_loss": per.mean()}
         else:
             out = objectives.neggrad_loss(unet, scheduler, xb, generator=gen, labels=lb)
         loss = out["loss"]
@@ -293,6 +333,9 @@ def unlearn(model, forget_data, method: str = "vdu", scheduler=None, posterior=N
         if bad is None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if precond is not None:
+                for p, v in zip(params, precond):
+                    p.grad.mul_(v)
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
             if not torch.isfinite(gn):
                 bad = f"non-finite gradient norm at step {step}"
