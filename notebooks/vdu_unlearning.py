@@ -126,7 +126,6 @@ continuation_steps = 50    # steps of each continuation in the K sweep
 threads = 1
 
 # %% tags=[]
-import copy
 import tempfile
 import time
 from pathlib import Path
@@ -137,7 +136,7 @@ import torch
 from vdu.cards import grid_array
 from vdu.data import load_dataset
 from vdu.evaluator import load_evaluator
-from vdu.experiments import Evaluation, forget_split, unlearn_and_measure
+from vdu.experiments import Evaluation, forget_split, scale_table, trajectory, unlearn_and_measure
 from vdu.models import load_model
 from vdu.posterior import load_posterior, make_posterior
 from vdu.results import REPO, machine, save_figure, write_results
@@ -182,26 +181,13 @@ print(f"forget class {forget_class}: {len(x_forget)} forget images; u-FID refere
 # different sizes, depending on the normalisation and the centre:
 
 # %% tags=[]
-from vdu.objectives import StabilityRegularizer, plasticity_inducer
-
 std = torch.cat([v.sqrt().flatten() for v in posterior["var"].values()])
 print(f"sigma*: median {std.median():.2e}, 1% {std.quantile(0.01):.2e}, 99% {std.quantile(0.99):.2e} "
       f"(floor 1e-4 = sqrt(1e-8): {(std <= 1.0001e-4).float().mean():.1%} of parameters)")
-scale_rows = []
-for norm in ("mean", "sum"):
-    for cen in ("deployed", "mean"):
-        u = copy.deepcopy(unet)
-        reg = StabilityRegularizer(u, posterior, cen, norm)
-        B = reg(u)
-        gB = torch.autograd.grad(B, list(u.parameters()), allow_unused=True)
-        A, _ = plasticity_inducer(u, sched, x_forget[:32], normalization=norm, dataset_size=len(x_forget),
-                                  generator=torch.Generator().manual_seed(seed))
-        gA = torch.autograd.grad(A, list(u.parameters()))
-        nB = torch.sqrt(sum((x ** 2).sum() for x in gB if x is not None)).item()
-        nA = torch.sqrt(sum((x ** 2).sum() for x in gA)).item()
-        scale_rows.append(dict(normalization=norm, center=cen, A=A.item(), B=B.item(), grad_A=nA, grad_B=nB))
-        print(f"{norm:>4} / {cen:>8}:  A = {A.item():+.3e}  B = {B.item():.3e}   |dA| = {nA:.2e}  |dB| = {nB:.2e}")
-del u
+scale_rows = scale_table(unet, sched, posterior, x_forget[:32], len(x_forget), seed)
+for r in scale_rows:
+    print(f"{r['normalization']:>4} / {r['center']:>8}:  A = {r['A']:+.3e}  B = {r['B']:.3e}   |dA| = {r['grad_A']:.2e}  "
+          f"|dB| = {r['grad_B']:.2e}")
 
 # %% [markdown] tags=[]
 # With `"mean"` normalisation and the centre at θ*, B and its gradient vanish at the start, and a
@@ -231,13 +217,8 @@ print(f"before: forget share {before['forget_share']:.3f}, confident {before['co
 trajectories = {}
 runs = {**configs, "neggrad": {**common, "lr": neggrad_lr, "seed": seed}} if trajectory_steps else {}
 for name, c in runs.items():
-    m = unlearn(unet, x_forget, "neggrad" if name == "neggrad" else "vdu", sched, posterior=posterior,
-                evaluator=evaluator, forget_class=forget_class, eval_reference=split.reference,
-                **{**c, "steps": trajectory_steps, "stop_forget_ratio": None, "eval_every": trajectory_every,
-                   "eval_samples": n_samples, "eval_ddim_steps": ddim_steps, "eval_seed": seed, "progress": False})
-    p0 = m.unlearn_log.probes[0]["forget_loss"]
-    probes = {p["step"]: p["forget_loss"] / p0 for p in m.unlearn_log.probes}
-    trajectories[name] = [dict(e, forget_loss_ratio=probes.get(e["step"])) for e in m.unlearn_log.evals]
+    trajectories[name] = trajectory(unet, sched, evaluator, split, c, evaluation, trajectory_steps, trajectory_every,
+                                    posterior, method="neggrad" if name == "neggrad" else "vdu")
     for e in trajectories[name]:
         print(f"{name:>13} step {e['step']:3d}: forget loss x{e['forget_loss_ratio']:.3f}  PUL {e['pul']:6.1f}%  "
               f"confident {e['confident_share']:.2f}  u-FID {e['u_fid']:.2f}")

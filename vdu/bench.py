@@ -63,19 +63,15 @@ def vdu_step_cost(unet, sched, x, repeats: int = 5) -> dict:
     """Seconds of one VDU step (methods.md §1: L = gamma B + (1 - gamma) A, "mean" normalisation)
     relative to one plain denoising fine-tuning step on the same batch (issue goal: <= 1.1x); and of one
     step with ``stability="function"`` (the replay KL doubles the forward/backward work: expect ~2x)."""
-    import copy
-
-    from .objectives import StabilityRegularizer, function_space_kl, plasticity_inducer, vdu_loss
+    from .objectives import FunctionSpaceRegularizer, StabilityRegularizer, vdu_loss
 
     post = {"mean": {n: p.detach().clone() for n, p in unet.named_parameters()},
             "var": {n: torch.full_like(p, 1e-6) for n, p in unet.named_parameters()}}
     reg = StabilityRegularizer(unet, post, center="mean")
     plain = _stepper(unet, lambda: denoising_loss(unet, sched, x))
     vdu = _stepper(unet, lambda: vdu_loss(unet, sched, x, reg, 0.5)["loss"])
-    teacher = copy.deepcopy(unet).requires_grad_(False)
-    replay = x.flip(0)
-    fn = _stepper(unet, lambda: 0.1 * plasticity_inducer(unet, sched, x)[0]
-                  + 0.9 * function_space_kl(unet, teacher, sched, replay))
+    fn_reg = FunctionSpaceRegularizer(unet, sched, n=len(x), ddim_steps=2)
+    fn = _stepper(unet, lambda: vdu_loss(unet, sched, x, fn_reg, 0.8)["loss"])
 
     # interleave to share machine-load drift fairly between them
     tp, tv, tf = [], [], []

@@ -74,3 +74,38 @@ def unlearn_and_measure(unet, scheduler, evaluator, split: ForgetSplit, before: 
         if k in after and k in before:
             row[f"{k}_before"], row[f"{k}_after"] = before[k], after[k]
     return row
+
+
+def scale_table(unet, scheduler, posterior: dict, x: torch.Tensor, dataset_size: int, seed: int = 0) -> list[dict]:
+    """Notebook section "The posterior and the scale mismatch": A, B and their gradient norms at the
+    current weights for each normalisation and centre of B (methods.md §1, scale-mismatch hazard)."""
+    from .objectives import CENTERS, NORMALIZATIONS, StabilityRegularizer, plasticity_inducer
+
+    params = list(unet.parameters())
+    rows = []
+    for norm in NORMALIZATIONS:
+        for cen in reversed(CENTERS):   # "deployed" first
+            B = StabilityRegularizer(unet, posterior, cen, norm)(unet)
+            gB = torch.autograd.grad(B, params, allow_unused=True)
+            A, _ = plasticity_inducer(unet, scheduler, x, normalization=norm, dataset_size=dataset_size,
+                                      generator=torch.Generator().manual_seed(seed))
+            gA = torch.autograd.grad(A, params)
+            rows.append(dict(normalization=norm, center=cen, A=A.item(), B=B.item(),
+                             grad_A=torch.sqrt(sum((g ** 2).sum() for g in gA)).item(),
+                             grad_B=torch.sqrt(sum((g ** 2).sum() for g in gB if g is not None)).item()))
+    return rows
+
+
+def trajectory(unet, scheduler, evaluator, split: ForgetSplit, config: dict, evaluation: Evaluation, steps: int,
+               every: int, posterior=None, method: str = "vdu") -> list[dict]:
+    """Notebook section "Which stability term holds the model": ``config`` run for ``steps`` steps with the
+    stop rule off, evaluated every ``every`` steps on ``evaluation``'s seed bank (PUL, confident share,
+    u-FID vs ``split.reference``), each point with the probe forget loss relative to the pretrained one."""
+    m = unlearn(unet, split.forget, method, scheduler, posterior=posterior, evaluator=evaluator,
+                forget_class=split.forget_class, eval_reference=split.reference,
+                **{**config, "steps": steps, "stop_forget_ratio": None, "eval_every": every,
+                   "eval_samples": evaluation.n_samples, "eval_ddim_steps": evaluation.ddim_steps,
+                   "eval_seed": evaluation.seed, "progress": False})
+    probes = m.unlearn_log.probes
+    ratio = {p["step"]: p["forget_loss"] / probes[0]["forget_loss"] for p in probes}
+    return [dict(e, forget_loss_ratio=ratio.get(e["step"])) for e in m.unlearn_log.evals]

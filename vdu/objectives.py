@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from .training import noise_prediction_error
+from .training import forward_noise, noise_prediction_error
 
 NORMALIZATIONS = ("mean", "sum")
 CENTERS = ("mean", "deployed")
@@ -99,7 +99,7 @@ class StabilityRegularizer:
             self.prec.append(0.5 / posterior["var"][name].detach().to(p.device, torch.float32).clamp_min(var_floor))
         self.num_params = sum(m.numel() for m in self.mu)
 
-    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+    def __call__(self, model: torch.nn.Module, **_) -> torch.Tensor:
         params = dict(model.named_parameters())
         total = sum(((params[n] - mu).pow(2) * pr).sum() for n, mu, pr in zip(self.names, self.mu, self.prec))
         return total / self.num_params if self.normalization == "mean" else total
@@ -148,19 +148,6 @@ def plasticity_inducer(unet, scheduler, x0: torch.Tensor, weighting: str = "simp
     return A, sq.mean(1).detach()
 
 
-def vdu_loss(unet, scheduler, x0: torch.Tensor, regularizer: StabilityRegularizer, gamma: float,
-             weighting: str = "simple", dataset_size: int | None = None, generator=None, labels=None,
-             t=None, eps=None, weights=None) -> dict:
-    """``L_VDU = gamma * B + (1 - gamma) * A`` (methods.md §1); the normalisation is the regulariser's.
-
-    Returns ``{"loss", "A", "B", "forget_loss"}`` (``forget_loss``: batch-mean L_simple, detached)."""
-    gamma = check_gamma(gamma)
-    A, per = plasticity_inducer(unet, scheduler, x0, weighting, regularizer.normalization, dataset_size, labels,
-                                generator, t, eps, weights)
-    B = regularizer(unet) if gamma > 0 else torch.zeros((), device=x0.device)
-    return {"loss": gamma * B + (1 - gamma) * A, "A": A, "B": B, "forget_loss": per.mean()}
-
-
 def function_space_kl(unet, teacher, scheduler, x0: torch.Tensor, labels=None, generator=None, t=None,
                       eps=None) -> torch.Tensor:
     """Pathwise ``KL(q || p_theta)`` up to the weights C_t = 1 (methods.md §2, FU objective): the mean over
@@ -170,16 +157,52 @@ def function_space_kl(unet, teacher, scheduler, x0: torch.Tensor, labels=None, g
     VDU's ``stability="function"`` uses it in place of B: the same "stay close to the pretrained model"
     term, measured on the model's outputs instead of through a Gaussian over its parameters. Needs
     only the pretrained model (replay samples), so the data-constrained setting is kept."""
-    g_dev = generator.device if generator is not None else x0.device
-    if t is None:
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator, device=g_dev)
-    if eps is None:
-        eps = torch.randn(x0.shape, generator=generator, device=g_dev)
-    t, eps = t.to(x0.device), eps.to(x0.device)
-    xt = scheduler.add_noise(x0, eps, t)
+    xt, t, _ = forward_noise(scheduler, x0, generator, t, eps)
     with torch.no_grad():
         target = teacher(xt, t, class_labels=labels).sample.float()
     return (unet(xt, t, class_labels=labels).sample.float() - target).pow(2).mean()
+
+
+class FunctionSpaceRegularizer:
+    """``B_fn(theta) = E_{x_0 ~ q} ||eps_theta(x_t, t) - eps_q(x_t, t)||^2`` (:func:`function_space_kl`), the
+    function-space stand-in for B used by ``unlearn(..., stability="function")``.
+
+    ``q`` is a frozen copy of ``model`` as it is now (the pretrained model); its replay samples (``n``
+    seed-bank samples, DDIM ``ddim_steps``) are drawn once. Each call draws a replay batch of
+    ``batch_size`` from ``generator``. Like B with ``normalization="mean"``, it is a per-pixel mean."""
+
+    normalization = "mean"
+
+    def __init__(self, model: torch.nn.Module, scheduler, n: int = 256, ddim_steps: int = 20, seed: int = 12345,
+                 class_labels=None):
+        import copy
+
+        from .sampling import sample
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        self.scheduler = scheduler
+        self.replay = sample(self.teacher, scheduler, n, seed=seed, steps=ddim_steps, class_labels=class_labels,
+                             progress=False).cpu()
+
+    def __call__(self, model: torch.nn.Module, generator=None, labels=None, batch_size: int | None = None):
+        idx = torch.randint(0, len(self.replay), (batch_size or len(self.replay),), generator=generator)
+        x = self.replay[idx].to(next(model.parameters()).device)
+        return function_space_kl(model, self.teacher, self.scheduler, x, labels, generator)
+
+
+def vdu_loss(unet, scheduler, x0: torch.Tensor, regularizer, gamma: float,
+             weighting: str = "simple", dataset_size: int | None = None, generator=None, labels=None,
+             t=None, eps=None, weights=None) -> dict:
+    """``L_VDU = gamma * B + (1 - gamma) * A`` (methods.md §1); the normalisation is the regulariser's.
+
+    ``regularizer``: a :class:`StabilityRegularizer` (the paper's B) or a :class:`FunctionSpaceRegularizer`.
+
+    Returns ``{"loss", "A", "B", "forget_loss"}`` (``forget_loss``: batch-mean L_simple, detached)."""
+    gamma = check_gamma(gamma)
+    A, per = plasticity_inducer(unet, scheduler, x0, weighting, regularizer.normalization, dataset_size, labels,
+                                generator, t, eps, weights)
+    B = (regularizer(unet, generator=generator, labels=labels, batch_size=len(x0)) if gamma > 0
+         else torch.zeros((), device=x0.device))
+    return {"loss": gamma * B + (1 - gamma) * A, "A": A, "B": B, "forget_loss": per.mean()}
 
 
 def neggrad_loss(unet, scheduler, x0: torch.Tensor, generator=None, labels=None, t=None, eps=None) -> dict:

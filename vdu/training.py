@@ -80,18 +80,23 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def noise_prediction_error(unet, scheduler, x0, labels=None, generator=None, t=None, eps=None):
-    """Per-pixel ``(eps - eps_theta(x_t, t))^2`` of methods.md §0, shape (batch, pixels), and the t used.
-
-    t ~ U{0..T-1} (0-based scheduler indices) and eps ~ N(0, I) are drawn from ``generator`` (t
-    first) unless given."""
+def forward_noise(scheduler, x0, generator=None, t=None, eps=None):
+    """The forward process of methods.md §0: ``(x_t, t, eps)`` with t ~ U{0..T-1} (0-based scheduler
+    indices) and eps ~ N(0, I) drawn from ``generator`` (t first) unless given."""
     g_dev = generator.device if generator is not None else x0.device
     if t is None:
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator, device=g_dev)
     if eps is None:
         eps = torch.randn(x0.shape, generator=generator, device=g_dev)
     t, eps = t.to(x0.device), eps.to(x0.device)
-    pred = unet(scheduler.add_noise(x0, eps, t), t, class_labels=labels).sample
+    return scheduler.add_noise(x0, eps, t), t, eps
+
+
+def noise_prediction_error(unet, scheduler, x0, labels=None, generator=None, t=None, eps=None):
+    """Per-pixel ``(eps - eps_theta(x_t, t))^2`` of methods.md §0, shape (batch, pixels), and the t used
+    (t and eps as in :func:`forward_noise`)."""
+    xt, t, eps = forward_noise(scheduler, x0, generator, t, eps)
+    pred = unet(xt, t, class_labels=labels).sample
     return F.mse_loss(pred.float(), eps, reduction="none").flatten(1), t
 
 

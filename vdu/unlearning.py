@@ -244,15 +244,13 @@ def unlearn(model, forget_data, method: str = "vdu", scheduler=None, posterior=N
     null = null_class(unet)
     labels = None if null is None else torch.full((len(x),), null, dtype=torch.long)
 
-    reg = teacher = replay = None
+    reg = None
     if method == "vdu" and cfg.stability == "posterior":
         post = _resolve_posterior(posterior, unet)
         reg = objectives.StabilityRegularizer(unet, post, cfg.center, cfg.normalization, cfg.var_floor)
     elif method == "vdu":
-        from .sampling import sample
-        teacher = copy.deepcopy(unet).eval().requires_grad_(False)
-        replay = sample(teacher, scheduler, cfg.replay_samples, seed=cfg.replay_seed, steps=cfg.replay_ddim_steps,
-                        class_labels=null, progress=False).cpu()
+        reg = objectives.FunctionSpaceRegularizer(unet, scheduler, cfg.replay_samples, cfg.replay_ddim_steps,
+                                                  cfg.replay_seed, null)
     weights = objectives.timestep_weights(scheduler, cfg.weighting, cfg.normalization)
     log = UnlearnLog(method, asdict(cfg))
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -262,8 +260,8 @@ def unlearn(model, forget_data, method: str = "vdu", scheduler=None, posterior=N
         opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     precond = None
     if cfg.precondition:
-        if reg is None:
-            raise ValueError("precondition=True needs method='vdu' (the posterior variances)")
+        if not isinstance(reg, objectives.StabilityRegularizer):
+            raise ValueError("precondition=True needs method='vdu' with stability='posterior' (the posterior variances)")
         var = [0.5 / pr for pr in reg.prec]           # sigma*^2 (floored), in parameter order
         mean_var = sum(v.sum() for v in var) / sum(v.numel() for v in var)
         precond = [v / mean_var for v in var]         # relative mobility: mean 1, so lr keeps its meaning
@@ -309,16 +307,9 @@ def unlearn(model, forget_data, method: str = "vdu", scheduler=None, posterior=N
         idx = perm[i * bs:(i + 1) * bs]
         xb = x[idx].to(dev)
         lb = None if labels is None else labels[idx].to(dev)
-        if method == "vdu" and reg is not None:
+        if method == "vdu":
             out = objectives.vdu_loss(unet, scheduler, xb, reg, cfg.gamma, cfg.weighting, dataset_size=n,
                                       generator=gen, labels=lb, weights=weights)
-        elif method == "vdu":
-            A, per = objectives.plasticity_inducer(unet, scheduler, xb, cfg.weighting, "mean", n, lb, gen,
-                                                   weights=weights)
-            ridx = torch.randint(0, len(replay), (len(xb),), generator=gen)
-            B = (objectives.function_space_kl(unet, teacher, scheduler, replay[ridx].to(dev), lb, gen)
-                 if cfg.gamma > 0 else torch.zeros((), device=dev))
-            out = {"loss": cfg.gamma * B + (1 - cfg.gamma) * A, "A": A, "B": B, "forget_loss": per.mean()}
         else:
             out = objectives.neggrad_loss(unet, scheduler, xb, generator=gen, labels=lb)
         loss = out["loss"]
