@@ -24,8 +24,8 @@ def test_save_load_round_trip(tmp_path):
     lab = torch.tensor([1, 10])
     assert torch.allclose(u(x, t, class_labels=lab).sample, u2(x, t, class_labels=lab).sample, atol=1e-6)
     assert s2.config.num_train_timesteps == 1000 and json.loads((tmp_path / "m" / "card.json").read_text()) == {"a": 1}
-    save_model(u, s, tmp_path / "m")  # overwriting keeps foreign files; float16 storage by default
-    assert (tmp_path / "m" / "card.json").exists() and not (tmp_path / "m.tmp").exists()
+    save_model(u, s, tmp_path / "m", overwrite=True)  # replaces the whole folder; float16 storage by default
+    assert not (tmp_path / "m" / "card.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     u3, _ = load_model(tmp_path / "m")
     assert next(u3.parameters()).dtype == torch.float32
     assert torch.allclose(u(x, t, class_labels=lab).sample, u3(x, t, class_labels=lab).sample, atol=1e-2)

@@ -26,15 +26,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pretrain", help="train or resume a DDPM (vdu.training.TrainConfig)")
     _add_config_args(p, TrainConfig)
+    p.add_argument("--overwrite-export", action="store_true",
+                   help="replace an existing model folder at the export path (with its card, samples and posterior)")
     p = sub.add_parser("export", help="export the current EMA weights of a (possibly unfinished) run")
     p.add_argument("run_dir")
     p.add_argument("--to", default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing model folder there (with its card, samples and posterior)")
     p = sub.add_parser("posterior", help="K-checkpoint posterior statistics (vdu.posterior)")
     p.add_argument("model_dir")
     p.add_argument("--run-dir", default=None)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--method", default="snapshots", choices=["snapshots", "continuations"])
     p.add_argument("--continuation-steps", type=int, default=200)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing posterior.safetensors")
     p = sub.add_parser("evaluator", help="train the evaluator classifier of a dataset (vdu.evaluator)")
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--epochs", type=int, default=3)
@@ -52,15 +57,33 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     if a.cmd == "pretrain":
-        from .training import pretrain
+        from pathlib import Path
+
+        from .models import ModelExistsError, check_save_target, default_device
+        from .training import export_ema, pretrain
         kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(a, f.name)}
-        print(pretrain(TrainConfig(**kw)))
+        cfg = TrainConfig(**kw)
+        try:  # refuse a bad export path before training, not after
+            check_save_target(Path(cfg.export) if cfg.export else Path(cfg.out) / "model", a.overwrite_export)
+        except ModelExistsError as e:
+            ap.error(f"{e} (on the command line: --overwrite-export)")
+        try:
+            print(pretrain(cfg))
+        except ModelExistsError:
+            if not a.overwrite_export:
+                raise
+            # pretrain() exports without overwrite; its final state is saved, so export it again, replacing
+            print(export_ema(cfg.out, cfg.export, device=str(default_device()), overwrite=True))
     elif a.cmd == "export":
+        from .models import ModelExistsError
         from .training import export_ema
-        print(export_ema(a.run_dir, a.to))
+        try:
+            print(export_ema(a.run_dir, a.to, overwrite=a.overwrite))
+        except ModelExistsError as e:
+            ap.error(f"{e} (on the command line: --overwrite)")
     elif a.cmd == "posterior":
         from .posterior import make_posterior
-        print(make_posterior(a.model_dir, a.run_dir, a.k, a.method, a.continuation_steps))
+        print(make_posterior(a.model_dir, a.run_dir, a.k, a.method, a.continuation_steps, overwrite=a.overwrite))
     elif a.cmd == "evaluator":
         from .evaluator import train_evaluator
         print(json.dumps(train_evaluator(a.dataset, a.out, epochs=a.epochs, seed=a.seed, init=a.init, lr=a.lr,

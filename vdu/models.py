@@ -110,36 +110,120 @@ def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "cpu"
     return unet.to(device).eval(), scheduler
 
 
+_UMASK = os.umask(0o022)  # read the process umask once (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
+
+class ModelExistsError(FileExistsError):
+    """The save target already holds a model and ``overwrite`` was not given."""
+
+
+# Files or folders whose presence marks a folder as a saved model (pipeline folder or bare UNet folder).
+_MODEL_MARKERS = ("model_index.json", "unet", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def holds_model(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` is a directory holding a saved model (pipeline or bare UNet folder)."""
+    folder = Path(folder)
+    return folder.is_dir() and any((folder / m).exists() for m in _MODEL_MARKERS)
+
+
+def check_save_target(folder, overwrite: bool = False) -> Path:
+    """Check, before any expensive work, that a model can be saved to ``folder``; return it as a Path.
+
+    Raises ``NotADirectoryError`` when ``folder`` (or a parent) is an existing file, ``PermissionError``
+    when the folder that would receive it is not writable, ``ModelExistsError`` (a FileExistsError) when
+    ``folder`` already holds a model and ``overwrite`` is False, and ``FileExistsError`` when it is a
+    non-empty folder that is not a model (saving replaces the whole folder, so that is never done).
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"cannot save a model to {folder}: it is an existing file, not a folder; "
+                                 f"pass a new folder path (or a model folder with overwrite=True)")
+    if folder.is_dir():
+        if holds_model(folder):
+            if not overwrite:
+                raise ModelExistsError(
+                    f"{folder} already holds a model; refusing to overwrite it. Pass overwrite=True to replace "
+                    f"it (the whole folder is replaced: its card, samples, posterior and other files go too), "
+                    f"or save to another folder")
+        elif any(folder.iterdir()):
+            raise FileExistsError(f"cannot save a model to {folder}: it is a non-empty folder that holds no model, "
+                                  f"and saving replaces the whole folder; pass a new or empty folder")
+    anc = folder.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise NotADirectoryError(f"cannot save a model to {folder}: {anc} is a file, not a folder; "
+                                 f"pass a path inside a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot save a model to {folder}: {anc} is not writable; pass a folder you can "
+                              f"write to or fix its permissions")
+    return folder
+
+
+def _free_sibling(folder: Path, tag: str) -> Path:
+    """A sibling path of ``folder`` named ``<name>.<tag>-<pid>[-n]`` that does not exist yet."""
+    base = folder.with_name(f"{folder.name}.{tag}-{os.getpid()}")
+    cand, n = base, 0
+    while cand.exists() or cand.is_symlink():
+        n += 1
+        cand = base.with_name(f"{base.name}-{n}")
+    return cand
+
+
 def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | os.PathLike,
-               dtype: torch.dtype | None = torch.float16, **extra_json) -> Path:
+               dtype: torch.dtype | None = torch.float16, overwrite: bool = False, **extra_json) -> Path:
     """Atomically save a pipeline folder (``unet/``, ``scheduler/``, ``model_index.json``).
 
     Weights are stored as ``dtype`` (float16 by default: half the size; ``load_model`` computes in
     float32). Extra keyword arguments are written as JSON files (``card={...}`` -> ``card.json``).
+
+    ``folder`` must be new, empty, or (with ``overwrite=True``) an existing model folder; see
+    :func:`check_save_target`, which runs first. The model is written completely into a fresh sibling
+    temporary folder, then swapped in: the old folder is renamed aside, the new one renamed into place,
+    and only then is the old one deleted. Overwriting replaces the *whole* folder, so files that
+    described the old weights (card.json, samples.png, posterior.safetensors, ...) do not survive beside
+    the new ones. A save that fails leaves an existing folder untouched and removes only its own
+    temporary folder.
     """
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     import copy
-    (copy.deepcopy(unet).to(dtype) if dtype is not None else unet).save_pretrained(tmp / "unet", safe_serialization=True)
-    scheduler.save_pretrained(tmp / "scheduler")
-    index = {"_class_name": "DDPMPipeline", "_diffusers_version": unet.config.get("_diffusers_version", ""),
-             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    for name, obj in extra_json.items():
-        (tmp / f"{name}.json").write_text(json.dumps(obj, indent=2))
-    if folder.exists():
-        for p in folder.iterdir():  # keep files we do not own (sample grids, posterior)
-            if not (tmp / p.name).exists():
-                shutil.move(str(p), tmp / p.name)
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
+    import tempfile
+
+    folder = check_save_target(folder, overwrite)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        (copy.deepcopy(unet).to(dtype) if dtype is not None else unet).save_pretrained(
+            tmp / "unet", safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
+        index = {"_class_name": "DDPMPipeline", "_diffusers_version": unet.config.get("_diffusers_version", ""),
+                 "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        for name, obj in extra_json.items():
+            (tmp / f"{name}.json").write_text(json.dumps(obj, indent=2))
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700; give it a normal folder's mode
+        if not folder.exists():
+            os.replace(tmp, folder)
+            return folder
+        check_save_target(folder, overwrite)  # the folder may have changed while we were writing
+        old = _free_sibling(folder, "old")
         os.replace(folder, old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
         os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, folder)
+    except BaseException as e:
+        try:
+            os.replace(old, folder)
+        except OSError as e2:
+            raise OSError(f"saving to {folder} failed ({e}) and the previous model could not be moved back "
+                          f"({e2}): it is intact in {old}, the new one in {tmp}; rename one of them to "
+                          f"{folder.name}") from e
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return folder
 
 

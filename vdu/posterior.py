@@ -11,11 +11,15 @@ Two documented ways to get the K sets, switchable in ``make_posterior``:
   ``steps`` extra training steps.
 
 The file stores ``mu* - theta*`` and ``log sigma*^2`` in float16 (theta*: the EMA weights actually
-served, read from the model folder), so VDU can use either centre for its regulariser.
+served, read from the model folder), so VDU can use either centre for its regulariser, and a SHA-256
+digest of theta* (:func:`weights_digest`) so it is never paired with other weights.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +28,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 VAR_FLOOR = 1e-8
+DIGEST_FORMAT = "sha256/float16/sorted-names/v1"
+# Snapshots are accepted for a model only if their mean lies within this relative L2 distance of the
+# model's weights (see make_posterior).
+MAX_SNAPSHOT_DISTANCE = 0.25
+# TrainConfig fields that the run of the snapshots and the run recorded in the model's train.json must share.
+_RUN_IDENTITY = ("dataset", "conditional", "seed", "batch_size", "model_overrides", "init")
 
 
 def gaussian_from_checkpoints(state_dicts: list[dict], var_floor: float = VAR_FLOOR) -> tuple[dict, dict]:
@@ -43,23 +53,49 @@ def gaussian_from_checkpoints(state_dicts: list[dict], var_floor: float = VAR_FL
 
 
 def fingerprint(params: dict) -> float:
-    """A float64 checksum of a set of weights (sum of absolute values)."""
+    """The old, weak checksum of a set of weights (sum of absolute values): blind to sign flips and
+    permutations. Kept only to check posterior files written before :func:`weights_digest` existed."""
     return float(sum(v.detach().double().abs().sum() for v in params.values()))
+
+
+def weights_digest(params: dict) -> str:
+    """SHA-256 hex digest of a set of weights ``{name: tensor}``, as stored on disk.
+
+    Parameters are hashed in sorted name order; for each, its name, its shape and the exact bytes of
+    the tensor in float16 (the precision ``vdu.models.save_model`` stores weights in, so a model loaded
+    from its folder in float32 gives the digest of the file) go in. Any change of a stored value, a sign
+    flip, a permutation, a renamed or reshaped parameter changes the digest."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        t = params[name].detach().to("cpu", torch.float16).contiguous()
+        h.update(f"{name}\0{tuple(t.shape)}\0".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_posterior(path: str | os.PathLike, mean: dict, var: dict, deployed: dict, k: int, method: str) -> Path:
     """Write the posterior compactly and atomically: ``delta.<name> = mu* - theta*`` and
     ``logvar.<name> = log sigma*^2`` in float16 (the deployed weights theta* live in the model
-    folder itself; a checksum of them is stored so a posterior cannot be paired with other weights)."""
+    folder itself; their SHA-256 digest, :func:`weights_digest`, is stored so a posterior cannot be
+    paired with other weights)."""
+    import tempfile
+
     path = Path(path)
     tensors = {}
     for n in mean:
         tensors[f"delta.{n}"] = (mean[n].float() - deployed[n].float()).half().contiguous()
         tensors[f"logvar.{n}"] = var[n].float().clamp_min(VAR_FLOOR).log().half().contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata={"k": str(k), "method": method, "var_floor": str(VAR_FLOOR),
-                                      "deployed_fingerprint": repr(fingerprint(deployed))})
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"k": str(k), "method": method, "var_floor": str(VAR_FLOOR),
+                                          "deployed_sha256": weights_digest(deployed),
+                                          "digest_format": DIGEST_FORMAT})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -68,7 +104,9 @@ def load_posterior(path: str | os.PathLike, model: torch.nn.Module) -> dict:
     -> ``{"mean", "var", "deployed": {name: tensor}, "k", "method"}``.
 
     Raises a ValueError naming the first mismatch when the file was made for another architecture,
-    or for other weights (checksum), and when the file is corrupt."""
+    or for other weights (SHA-256 digest of the float16 weights), and when the file is corrupt. Files
+    written before the digest existed carry only a sum-of-absolute-values checksum: they still load,
+    with a warning that this check cannot tell sign flips or permutations of the weights."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -88,29 +126,102 @@ def load_posterior(path: str | os.PathLike, model: torch.nn.Module) -> dict:
         if flat[f"delta.{name}"].shape != p.shape:
             raise ValueError(f"posterior {path}: parameter {name!r} has shape {tuple(flat[f'delta.{name}'].shape)} "
                              f"there but {tuple(p.shape)} in the model: a different architecture")
-    want = float(meta.get("deployed_fingerprint", "nan"))
-    have = fingerprint(deployed)
-    if not abs(have - want) <= 1e-6 * abs(want):
-        raise ValueError(f"posterior {path} was made for other weights (checksum {want:.6g}, model {have:.6g}): "
-                         f"load it with the pretrained model it was computed from")
+    if "deployed_sha256" in meta:
+        want, have = meta["deployed_sha256"], weights_digest(deployed)
+        if have != want:
+            raise ValueError(f"posterior {path} was made for other weights (SHA-256 of its weights {want[:16]}..., "
+                             f"of this model {have[:16]}...): load it with the pretrained model it was computed "
+                             f"from, or remake it for this model with `python -m vdu posterior MODEL_DIR --overwrite`")
+    elif "deployed_fingerprint" in meta:
+        want, have = float(meta["deployed_fingerprint"]), fingerprint(deployed)
+        if not abs(have - want) <= 1e-6 * abs(want):
+            raise ValueError(f"posterior {path} was made for other weights (checksum {want:.6g}, model {have:.6g}): "
+                             f"load it with the pretrained model it was computed from")
+        warnings.warn(f"posterior {path} is in the old format: it only stores a sum-of-absolute-values checksum of "
+                      f"its weights, which cannot tell a sign-flipped or permuted layer. Remake it with `python -m "
+                      f"vdu posterior MODEL_DIR --overwrite` to store a SHA-256 digest", UserWarning, stacklevel=2)
+    else:
+        raise ValueError(f"posterior {path} records no digest of the weights it was made for, so it cannot be "
+                         f"checked against this model: remake it with `python -m vdu posterior MODEL_DIR --overwrite`")
     out = {"mean": {n: deployed[n] + flat[f"delta.{n}"].float() for n in deployed},
            "var": {n: flat[f"logvar.{n}"].float().exp() for n in deployed}, "deployed": deployed,
            "k": int(meta.get("k", 0)), "method": meta.get("method", "?")}
     return out
 
 
+def check_snapshots_belong(deployed: dict, snapshots: list[dict], files: list, model_dir: Path, run_dir: Path,
+                           max_distance: float = MAX_SNAPSHOT_DISTANCE) -> float:
+    """Refuse (ValueError) snapshots that were not taken in the run that made the model; return the
+    relative distance of their mean from the model's weights. See :func:`make_posterior`."""
+    for f, sd in zip(files, snapshots):
+        for n, p in deployed.items():
+            if n not in sd or tuple(sd[n].shape) != tuple(p.shape):
+                what = "has no parameter" if n not in sd else f"has shape {tuple(sd[n].shape)} for"
+                raise ValueError(f"snapshot {f} {what} {n!r} (the model in {model_dir} has {tuple(p.shape)}): the "
+                                 f"snapshots in {run_dir} are from a different architecture. Pass the run folder "
+                                 f"that trained this model")
+    train_json, run_cfg = Path(model_dir) / "train.json", Path(run_dir) / "config.json"
+    if train_json.exists() and run_cfg.exists():
+        made_by = json.loads(train_json.read_text()).get("config", {})
+        run = json.loads(run_cfg.read_text())
+        for key in _RUN_IDENTITY:
+            if key in made_by and key in run and made_by[key] != run[key]:
+                raise ValueError(f"the snapshots in {run_dir} come from another run than the model in {model_dir}: "
+                                 f"the run has {key}={run[key]!r}, the model's train.json {key}={made_by[key]!r}. "
+                                 f"Pass the run folder that trained this model")
+    num = den = 0.0
+    for n, p in deployed.items():
+        mean = torch.stack([sd[n].float() for sd in snapshots]).mean(0)
+        num += float((mean.double() - p.double()).pow(2).sum())
+        den += float(p.double().pow(2).sum())
+    dist = (num / max(den, 1e-30)) ** 0.5
+    if not dist <= max_distance:
+        raise ValueError(f"the snapshots in {run_dir} do not belong to the model in {model_dir}: their mean is "
+                         f"{dist:.3g} of the weights' norm away from its weights (at most {max_distance} for "
+                         f"snapshots of the run that made it). Pass the run folder that trained this model")
+    return dist
+
+
 def make_posterior(model_dir: str | os.PathLike, run_dir: str | os.PathLike | None = None, k: int = 4,
                    method: str = "snapshots", continuation_steps: int = 200, continuation_lr: float = 1e-4,
                    out: str | os.PathLike | None = None, progress: bool = True,
-                   work_dir: str | os.PathLike | None = None) -> Path:
+                   work_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Build ``model_dir/posterior.safetensors`` (or ``out``) from K checkpoints (see module docstring).
 
+    An existing posterior file is only replaced with ``overwrite=True`` (checked before any work).
+
+    'snapshots' checks that the last K snapshots of ``run_dir`` belong to the model, cheaply (one pass
+    over K state dicts, no forward passes):
+
+    1. every parameter of the model is in each snapshot with the same shape (same architecture);
+    2. when the model folder has ``train.json`` and the run folder ``config.json``, the two configs agree
+       on the fields that identify a run (dataset, conditional, seed, batch size, model overrides,
+       init): a model exported from that run records the run's config;
+    3. the snapshots' mean lies within ``MAX_SNAPSHOT_DISTANCE`` (relative L2, ||mean - theta*|| /
+       ||theta*||) of the model's weights theta*. The EMA weights of a run are an average of its late
+       iterates, so they sit close to the late snapshots' mean (0.7% of the weights' norm for
+       checkpoints/mnist/ddpm); two independently trained models are about as far apart as their
+       own norm (0.98 between the committed MNIST ddpm and ddpm-cond), so the bound separates the
+       two with a wide margin either side. This also catches a run
+       folder whose config matches but whose weights differ (a rerun, or a model that was fine-tuned
+       far after export). It cannot tell a model fine-tuned slightly from the exported one: the
+       SHA-256 digest stored in the file pins the exact weights from then on.
+
     'continuations' trains in ``work_dir`` (default: a fresh temporary folder); finished continuations
-    found there are reused, so a K sweep with one ``work_dir`` trains each seed once."""
+    found there are reused, so a K sweep with one ``work_dir`` trains each seed once. A continuation
+    is reused only if its recorded config is the one this call would run."""
     from .models import load_model
     from .training import TrainConfig, pretrain, snapshot_files
 
     model_dir = Path(model_dir)
+    out_path = Path(out) if out is not None else model_dir / "posterior.safetensors"
+    if out_path.exists() and not overwrite:
+        raise FileExistsError(f"{out_path} already exists; refusing to overwrite it. Pass overwrite=True "
+                              f"(`python -m vdu posterior ... --overwrite`) to replace it, or write elsewhere with out=")
+    if out_path.is_dir():
+        raise IsADirectoryError(f"{out_path} is a folder; pass a file path for the posterior")
+    if method not in ("snapshots", "continuations"):
+        raise ValueError(f"method must be 'snapshots' or 'continuations', got {method!r}")
     unet, _ = load_model(model_dir)
     deployed = {n: p.detach() for n, p in unet.named_parameters()}
     if method == "snapshots":
@@ -120,8 +231,9 @@ def make_posterior(model_dir: str | os.PathLike, run_dir: str | os.PathLike | No
         if len(files) < k:
             raise ValueError(f"{run_dir} holds {len(files)} snapshots, fewer than K={k}")
         sds = [load_file(f) for f in files]
-    elif method == "continuations":
-        import json
+        check_snapshots_belong(deployed, sds, files, model_dir, Path(run_dir))
+    else:
+        from dataclasses import asdict
         import tempfile
         base = json.loads((model_dir / "train.json").read_text())["config"]
         work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="vdu-continuations-"))
@@ -132,11 +244,13 @@ def make_posterior(model_dir: str | os.PathLike, run_dir: str | os.PathLike | No
                                  "snapshot_every": continuation_steps, "checkpoint_every": continuation_steps,
                                  "out": str(work / f"continuation{i}"),
                                  "export": str(work / f"continuation{i}/model")})
-            pretrain(replace(cfg), progress=progress)
+            done = Path(cfg.out) / "snapshots" / f"step_{continuation_steps:07d}.safetensors"
+            cfg_file = Path(cfg.out) / "config.json"
+            if not (done.exists() and cfg_file.exists() and json.loads(cfg_file.read_text()) == json.loads(json.dumps(asdict(cfg)))):
+                # a finished continuation is reused as is; pretrain() would re-export its model folder
+                pretrain(replace(cfg), progress=progress)
             sds.append(load_file(snapshot_files(cfg.out)[-1]))
-    else:
-        raise ValueError(f"method must be 'snapshots' or 'continuations', got {method!r}")
     names = set(deployed)
     sds = [{n: v for n, v in sd.items() if n in names} for sd in sds]
     mean, var = gaussian_from_checkpoints(sds)
-    return save_posterior(out or model_dir / "posterior.safetensors", mean, var, deployed, k, method)
+    return save_posterior(out_path, mean, var, deployed, k, method)

@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data import ImageData, load_dataset
-from .models import build_scheduler, build_unet, default_device, load_model, null_class, save_model
+from .models import (build_scheduler, build_unet, check_save_target, default_device, load_model, null_class,
+                     save_model)
 
 
 @dataclass
@@ -211,11 +212,14 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
     return out
 
 
-def export_ema(run_dir: str | os.PathLike, to: str | os.PathLike | None = None, device: str = "cpu") -> Path:
+def export_ema(run_dir: str | os.PathLike, to: str | os.PathLike | None = None, device: str = "cpu",
+               overwrite: bool = False) -> Path:
     """Write the EMA weights held in ``run_dir/state.pt`` as a model folder (default ``run_dir/model``).
 
-    Works on an unfinished run too: ``train.json`` records the step reached and the wall time."""
+    Works on an unfinished run too: ``train.json`` records the step reached and the wall time. An
+    existing model folder there is only replaced (whole, with its card and posterior) with ``overwrite=True``."""
     run_dir = Path(run_dir)
+    target = check_save_target(Path(to) if to else run_dir / "model", overwrite)
     state_path = run_dir / "state.pt"
     if not state_path.exists():
         raise FileNotFoundError(f"{state_path} not found: nothing to export")
@@ -225,7 +229,7 @@ def export_ema(run_dir: str | os.PathLike, to: str | os.PathLike | None = None, 
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
     ema.load_state_dict(st["ema"])
     ema.copy_to(unet.parameters())
-    return save_model(unet, build_scheduler(), Path(to) if to else run_dir / "model",
+    return save_model(unet, build_scheduler(), target, overwrite=overwrite,
                       train={"config": st["config"], "steps": st["step"], "finished": st["step"] >= cfg.steps,
                              "wall_s": round(st["wall_s"], 1), "device": device,
                              "threads": torch.get_num_threads()})
