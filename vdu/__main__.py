@@ -19,12 +19,36 @@ def _add_config_args(p: argparse.ArgumentParser, cls) -> None:
             p.add_argument(f"--{f.name.replace('_', '-')}", type=typ, default=default)
 
 
+def _int_at_least(lo: int):
+    """argparse type: an integer >= ``lo`` (a bad value exits with a usage error naming the flag)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .data import SPECS
     from .training import TrainConfig
 
     ap = argparse.ArgumentParser(prog="python -m vdu")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("pretrain", help="train or resume a DDPM (vdu.training.TrainConfig)")
+    p = pre = sub.add_parser("pretrain", help="train or resume a DDPM (vdu.training.TrainConfig)")
     _add_config_args(p, TrainConfig)
     p.add_argument("--overwrite-export", action="store_true",
                    help="replace an existing model folder at the export path (with its card, samples and posterior)")
@@ -36,44 +60,44 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("posterior", help="K-checkpoint posterior statistics (vdu.posterior)")
     p.add_argument("model_dir")
     p.add_argument("--run-dir", default=None)
-    p.add_argument("--k", type=int, default=4)
-    p.add_argument("--method", default="snapshots", choices=["snapshots", "continuations"])
-    p.add_argument("--continuation-steps", type=int, default=200)
+    p.add_argument("--k", type=_int_at_least(2), default=4, help="checkpoints in the posterior (>= 2)")
+    p.add_argument("--method", default="snapshots", choices=["snapshots", "continuations", "self"],
+                   help="snapshots: late snapshots of --run-dir; continuations: K seeded continuations of training; "
+                        "self: the same on the model's own samples (no data needed)")
+    p.add_argument("--continuation-steps", type=_int_at_least(1), default=200)
     p.add_argument("--overwrite", action="store_true", help="replace an existing posterior.safetensors")
     p = sub.add_parser("evaluator", help="train the evaluator classifier of a dataset (vdu.evaluator)")
-    p.add_argument("--dataset", default="mnist")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--dataset", default="mnist", choices=sorted(SPECS))
+    p.add_argument("--epochs", type=_int_at_least(1), default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--init", default=None, help="fine-tune this evaluator folder")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=_positive_float, default=2e-3)
     p = sub.add_parser("card", help="evaluate a model and write card.json + samples.png (vdu.cards)")
     p.add_argument("model_dir")
     p.add_argument("--evaluator", required=True)
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps for the samples")
-    p.add_argument("--nll-images", type=int, default=256)
+    p.add_argument("--n", type=_int_at_least(2), default=1000, help="samples to evaluate (>= 2: FID needs two)")
+    p.add_argument("--steps", type=_int_at_least(1), default=50, help="DDIM steps for the samples")
+    p.add_argument("--nll-images", type=_int_at_least(1), default=256)
     p.add_argument("--notes", default="", help="free text stored in the card (how the run went)")
     a = ap.parse_args(argv)
 
     if a.cmd == "pretrain":
         from pathlib import Path
 
-        from .models import ModelExistsError, check_save_target, default_device
-        from .training import export_ema, pretrain
+        from .models import ModelExistsError, check_save_target
+        from .training import ConfigError, pretrain
         kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(a, f.name)}
         cfg = TrainConfig(**kw)
+        try:  # refuse a bad value before any work, as a usage error naming the flag
+            cfg.check()
+        except ConfigError as e:
+            pre.error(f"argument --{e.field.replace('_', '-')}: {e}")
         try:  # refuse a bad export path before training, not after
             check_save_target(Path(cfg.export) if cfg.export else Path(cfg.out) / "model", a.overwrite_export)
         except ModelExistsError as e:
             ap.error(f"{e} (on the command line: --overwrite-export)")
-        try:
-            print(pretrain(cfg))
-        except ModelExistsError:
-            if not a.overwrite_export:
-                raise
-            # pretrain() exports without overwrite; its final state is saved, so export it again, replacing
-            print(export_ema(cfg.out, cfg.export, device=str(default_device()), overwrite=True))
+        print(pretrain(cfg, overwrite_export=a.overwrite_export))
     elif a.cmd == "export":
         from .models import ModelExistsError
         from .training import export_ema

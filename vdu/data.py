@@ -61,10 +61,15 @@ class ImageData:
         return ImageData(self.images[index], self.labels[index], self.classes, self.name)
 
     def take(self, n: int | None = None, fraction: float | None = None, seed: int = 0) -> "ImageData":
-        """A seeded random subset of ``n`` images (or a ``fraction`` of them)."""
+        """A seeded random subset of ``n`` images (or a ``fraction`` of them); all of them if both are None
+        or ``n`` is at least the number of images."""
+        if n is not None and fraction is not None:
+            raise ValueError(f"pass n or fraction, not both (got n={n!r}, fraction={fraction!r})")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0):
+            raise ValueError(f"n must be a whole number of images >= 0 (or None: all), got {n!r}")
         if fraction is not None:
-            if not 0 < fraction <= 1:
-                raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+                raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
             n = max(1, round(fraction * len(self)))
         if n is None or n >= len(self):
             return self
@@ -90,7 +95,21 @@ class ImageData:
 
     def split(self, forget_classes) -> tuple["ImageData", "ImageData"]:
         """(forget, retain) split by class ids or names: D_f holds the given classes."""
-        ids = torch.tensor(self.class_ids(forget_classes))
+        listed = [forget_classes] if isinstance(forget_classes, (int, str, np.integer)) else forget_classes
+        if torch.is_tensor(listed) or isinstance(listed, np.ndarray):
+            listed = listed.reshape(-1).tolist()
+        try:
+            listed = list(listed)
+        except TypeError:
+            raise TypeError(f"forget_classes must be a class id or name, or a list of them, "
+                            f"got {type(forget_classes).__name__}") from None
+        if not listed:
+            raise ValueError(f"no forget classes given: pass a class id or name of {self.name or 'the data'} "
+                             f"(classes: {self.classes})")
+        for c in listed:
+            if isinstance(c, bool) or not isinstance(c, (int, str, np.integer)):
+                raise TypeError(f"class {c!r} must be an integer id or a class name, not {type(c).__name__}")
+        ids = torch.tensor(self.class_ids(listed), dtype=torch.long)
         mask = torch.isin(self.labels, ids)
         return self.subset(mask), self.subset(~mask)
 
@@ -192,3 +211,93 @@ def from_image_folder(root: str | os.PathLike, size: int | None = None, name: st
         raise ValueError(f"images under {root} have different sizes {sorted(shapes)}; pass size=")
     x = torch.stack(imgs).float().div(127.5).sub(1.0)
     return ImageData(x, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes), name or Path(root).name)
+
+
+@dataclass
+class UnlearnData:
+    """Everything an unlearning run may be given (methods.md §0: D_f, D_r), plus what its evaluation uses.
+
+    Each method declares which of these it needs (``vdu.methods.Method.needs``); the loop refuses to
+    run a method whose data is missing, with a message saying which."""
+
+    forget: torch.Tensor                       # D_f: images to unlearn, (N, C, H, W) in [-1, 1]
+    retain: torch.Tensor | None = None         # D_r: retained images (only methods that declare "retain" see them)
+    retain_labels: torch.Tensor | None = None  # class ids of ``retain`` (class-conditional models)
+    forget_class: int | None = None            # the class / concept id being unlearned (a conditional model's
+                                               # prompt; for every model: what the evaluation counts)
+    reference: torch.Tensor | None = None      # evaluation: real retained-class test images (u-FID reference)
+    nll_forget: torch.Tensor | None = None     # evaluation: forget-class test images for the NLL bound
+    nll_retain: torch.Tensor | None = None     # evaluation: retained-class test images for the NLL bound
+
+    def __post_init__(self):
+        self.forget = _image_tensor(self.forget, "forget")
+        if len(self.forget) == 0:
+            raise ValueError("the forget set is empty: nothing to unlearn")
+        for name in ("retain", "reference", "nll_forget", "nll_retain"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _image_tensor(getattr(self, name), name))
+        if self.retain is not None and len(self.retain) == 0:
+            raise ValueError("the retain set is empty: pass retain=None for forget-only methods")
+        if self.retain_labels is not None:
+            if self.retain is None or len(self.retain_labels) != len(self.retain):
+                raise ValueError("retain_labels needs retain images, one label per image")
+            self.retain_labels = torch.as_tensor(self.retain_labels, dtype=torch.long)
+        if self.forget_class is not None:
+            if isinstance(self.forget_class, bool) or not isinstance(self.forget_class, (int, np.integer)) \
+                    or self.forget_class < 0:
+                raise ValueError(f"forget_class must be a class id >= 0, got {self.forget_class!r}")
+            self.forget_class = int(self.forget_class)
+
+    @classmethod
+    def of(cls, data) -> "UnlearnData":
+        """Accept an UnlearnData, an ImageData (its images are the forget set) or an image tensor."""
+        if isinstance(data, cls):
+            return data
+        if isinstance(data, ImageData):
+            return cls(data.images)
+        return cls(data)
+
+
+def _image_tensor(x, name: str) -> torch.Tensor:
+    """Images for unlearning: float tensors in [-1, 1] of shape (N, C, H, W). uint8 is refused (it is almost
+    always [0, 255]); convert with ``vdu.data.to_tensor``."""
+    if isinstance(x, ImageData):
+        x = x.images
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} must be an ImageData or an (N, C, H, W) tensor in [-1, 1], got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} has dtype {x.dtype}: expected float images in [-1, 1] "
+                         f"(uint8 images: vdu.data.to_tensor converts HWC uint8 arrays)")
+    if x.ndim != 4:
+        raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(x.shape)}")
+    if x.numel() and not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+    if x.numel() and (x.min() < -1.001 or x.max() > 1.001):
+        raise ValueError(f"{name} has values in [{x.min():.3g}, {x.max():.3g}]: images must be in [-1, 1] "
+                         f"(from [0, 1]: x * 2 - 1; from [0, 255]: x / 127.5 - 1)")
+    if len(x) >= 8 and x.min() >= 0:
+        warnings.warn(f"{name}: every value is in [0, {x.max():.3g}]; if these are [0, 1] images, convert them "
+                      f"with x * 2 - 1 (the models expect [-1, 1])", UserWarning, stacklevel=3)
+    return x.float() if x.dtype != torch.float32 else x
+
+
+def class_split(train: ImageData, test: ImageData, forget_class, n: int | None = None,
+                fraction: float | None = None, n_retain: int = 0, n_reference: int = 500, nll_images: int = 16,
+                seed: int = 0) -> UnlearnData:
+    """The data of one class-unlearning run: ``n`` (or ``fraction`` of the) forget-class training images,
+    ``n_retain`` retained-class training images with their labels (0: a forget-only run), retained-class
+    test images for u-FID and forget / retain test images for the NLL bound."""
+    c = train.class_ids([forget_class])[0]
+    if n is not None and n < 1:
+        raise ValueError(f"n must be >= 1 forget images, got {n}")
+    if n_retain < 0 or n_reference < 0 or nll_images < 0:
+        raise ValueError(f"counts must be >= 0 (n_retain={n_retain}, n_reference={n_reference}, nll_images={nll_images})")
+    f_train, r_train = train.split(c)
+    f_test, r_test = test.split(c)
+    retain = r_train.take(n_retain, seed=seed + 2) if n_retain else None
+    return UnlearnData(f_train.take(n, fraction=fraction, seed=seed).images,
+                       retain=None if retain is None else retain.images,
+                       retain_labels=None if retain is None else retain.labels, forget_class=c,
+                       reference=r_test.take(n_reference, seed=seed).images if n_reference else None,
+                       nll_forget=f_test.take(nll_images, seed=seed).images if nll_images else None,
+                       nll_retain=r_test.take(nll_images, seed=seed + 1).images if nll_images else None)

@@ -49,7 +49,17 @@ class Evaluator(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-        """(predicted class, max softmax probability) per image."""
+        """(predicted class, max softmax probability) per image of ``x`` (float, in [-1, 1]).
+
+        Non-float, non-finite or out-of-range images raise (a NaN image would otherwise get a label)."""
+        from .models import check_image_values
+
+        if not torch.is_tensor(x):
+            check_image_values(x)
+        self.check(x)
+        check_image_values(x)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         was = self.training
         self.eval()
         dev = next(self.parameters()).device

@@ -29,7 +29,16 @@ class EvaluatorFeatures(nn.Module):
 
 
 def class_histogram(evaluator, images: torch.Tensor, threshold: float = CONFIDENT) -> dict:
-    """Evaluator labels of ``images``: per-class counts and shares, confident share (methods.md §4)."""
+    """Evaluator labels of ``images``: per-class counts and shares, confident share (methods.md §4).
+
+    ``images``: float (N, C, H, W) in [-1, 1]; other dtypes, NaN / inf and out-of-range values raise."""
+    from .evaluator import Evaluator
+    from .models import check_image_values
+
+    if not isinstance(evaluator, Evaluator):  # an Evaluator's predict checks them itself (one pass, not two)
+        check_image_values(images)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold is a softmax probability in [0, 1], got {threshold!r}")
     pred, conf = evaluator.predict(images)
     k = evaluator.config["num_classes"]
     counts = torch.bincount(pred, minlength=k)
@@ -61,9 +70,20 @@ def _prep(x, feature):
     return x
 
 
+def _check_sets(fake, real, batch_size) -> None:
+    from .models import check_image_values
+    check_image_values(fake, "fake images")
+    check_image_values(real, "real images")
+    if len(fake) < 2 or len(real) < 2:
+        raise ValueError(f"FID / KID need at least 2 images on each side, got {len(fake)} fake and {len(real)} real")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
 def domain_fid(evaluator, fake: torch.Tensor, real: torch.Tensor, batch_size: int = 500) -> float:
     """FID between ``fake`` and ``real`` images computed by torchmetrics on the evaluator's
     penultimate features (a *domain* FID, methods.md §4). Pass ``evaluator=2048`` for Inception."""
+    _check_sets(fake, real, batch_size)
     feat = _features(evaluator)
     m = FrechetInceptionDistance(feature=feat, reset_real_features=True)
     for imgs, is_real in ((real, True), (fake, False)):
@@ -76,6 +96,7 @@ def domain_kid(evaluator, fake: torch.Tensor, real: torch.Tensor, subsets: int =
                batch_size: int = 500, seed: int = 0) -> tuple[float, float]:
     """KID (mean, std over ``subsets`` random subsets, drawn with ``seed``) on the evaluator's
     features, via torchmetrics."""
+    _check_sets(fake, real, batch_size)
     feat = _features(evaluator)
     size = min(subset_size, len(fake), len(real))
     with warnings.catch_warnings():

@@ -7,6 +7,7 @@ as ``google/ddpm-cifar10-32`` once they are in the local cache or a local folder
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -32,6 +33,7 @@ PRESETS = {
                     up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
 }
 PRESETS["tinyimagenet"] = PRESETS["cifar10"]
+IMAGE_TOL = 1e-3  # how far outside [-1, 1] an image value may be (float rounding of a conversion)
 NUM_CLASSES = {"mnist": 10, "cifar10": 10, "tinyimagenet": 10}
 
 
@@ -56,8 +58,37 @@ def null_class(unet: UNet2DModel) -> int | None:
     return None if n is None else n - 1
 
 
+IMAGE_CONVERSIONS = ("from [0, 1]: x * 2 - 1; from [0, 255]: x / 127.5 - 1; "
+                     "uint8 (N, H, W[, C]) arrays: vdu.data.to_tensor(x)")
+
+
+def check_image_values(images, what: str = "images") -> None:
+    """Raise if ``images`` are not a non-empty float tensor with finite values in [-1, 1] (tolerance 1e-3).
+
+    One min/max pass over the data; the message says which conversion to use."""
+    if not torch.is_tensor(images):
+        raise TypeError(f"{what} must be a torch tensor of shape (N, C, H, W) in [-1, 1], got "
+                        f"{type(images).__name__} (numpy uint8 images: vdu.data.to_tensor(x))")
+    if not images.is_floating_point():
+        raise ValueError(f"{what} have dtype {images.dtype}: the models take float images in [-1, 1] "
+                         f"({IMAGE_CONVERSIONS})")
+    if images.numel() == 0:
+        raise ValueError(f"{what} are empty (shape {tuple(images.shape)}): pass at least one image")
+    lo, hi = (v.item() for v in torch.aminmax(images.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{what} contain NaN or inf values: pass finite images in [-1, 1] (find the bad ones with "
+                         f"(~torch.isfinite(x)).flatten(1).any(1))")
+    if lo < -1 - IMAGE_TOL or hi > 1 + IMAGE_TOL:
+        raise ValueError(f"{what} have values in [{lo:.4g}, {hi:.4g}], outside [-1, 1] where the models work: "
+                         f"convert them ({IMAGE_CONVERSIONS})")
+
+
 def check_images(unet: UNet2DModel, images: torch.Tensor) -> None:
-    """Raise a clear ValueError if ``images`` do not match the model's channels and size."""
+    """Raise a clear error if ``images`` do not match the model's channels and size, or are not float
+    images in [-1, 1] (non-float dtypes, NaN / inf and out-of-range values are refused, see
+    :func:`check_image_values`)."""
+    if not torch.is_tensor(images):
+        check_image_values(images)
     if images.ndim != 4:
         raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
     c, size = unet.config.in_channels, unet.config.sample_size
@@ -65,6 +96,7 @@ def check_images(unet: UNet2DModel, images: torch.Tensor) -> None:
     if images.shape[1] != c or tuple(images.shape[2:]) != size:
         raise ValueError(f"images of shape {tuple(images.shape[1:])} do not match the model, which expects "
                          f"({c}, {size[0]}, {size[1]})")
+    check_image_values(images)
 
 
 def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "cpu",

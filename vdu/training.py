@@ -6,6 +6,12 @@ and ``snapshots/`` (raw weights at the last ``k_snapshots`` multiples of ``snaps
 are drawn from a per-epoch permutation seeded by (seed, epoch) and the noise from a saved generator,
 so a killed run resumes to the same weights as an uninterrupted one (on the same device and thread
 count).
+
+Each new ``state.pt`` keeps the one it replaces as ``state.prev.pt``; a truncated or corrupt
+``state.pt`` makes the resume fall back to it with a warning. A resume may change ``steps`` (the LR
+schedule follows the new total); it refuses a changed learning rate or schedule, weight decay, clip,
+EMA decay, data subset or architecture: the restored optimiser, schedule and EMA would ignore some of
+them, and the others would make the run a mix of two configs.
 """
 from __future__ import annotations
 
@@ -13,18 +19,34 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data import ImageData, load_dataset
+from .diffusion import denoising_loss
 from .models import (build_scheduler, build_unet, check_save_target, default_device, load_model, null_class,
                      save_model)
+
+
+class ConfigError(ValueError):
+    """A :class:`TrainConfig` value no run can use; ``field`` names it (the CLI turns it into ``--flag``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+# Fields a resumed run restores from state.pt (optimiser, LR schedule, EMA) or that decide the
+# architecture or the data: a different value on resume would be ignored or break the run, so it is refused.
+RESUME_FIXED = ("lr", "warmup", "lr_final_frac", "weight_decay", "grad_clip", "ema_decay", "max_train",
+                "model_overrides")
+STATE_KEYS = ("model", "opt", "sched", "ema", "gen", "step", "wall_s", "config")
 
 
 @dataclass
@@ -61,6 +83,48 @@ class TrainConfig:
                 args.append(flag if v is True else f"--no-{flag[2:]}" if v is False else f"{flag} {v}")
         return " ".join(["python -m vdu pretrain"] + args)
 
+    def check(self) -> "TrainConfig":
+        """Raise a :class:`ConfigError` (a ValueError naming the field) for a value no run can use."""
+        from .data import SPECS
+
+        def bad(name, rule):
+            value = getattr(self, name)
+            raise ConfigError(name, f"{name} must be {rule}, got {value!r}")
+
+        def integer(name, lo):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                bad(name, f"an integer >= {lo}")
+
+        def number(name, ok, rule):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                bad(name, rule)
+
+        if self.dataset not in SPECS:
+            bad("dataset", f"one of {sorted(SPECS)}")
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "snapshot_every"):
+            integer(name, 1)
+        for name in ("warmup", "k_snapshots"):
+            integer(name, 0)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            bad("seed", "an integer")
+        number("lr", lambda v: v > 0, "a number > 0")
+        number("lr_final_frac", lambda v: 0 <= v <= 1, "in [0, 1] (the final LR as a fraction of lr)")
+        number("weight_decay", lambda v: v >= 0, "a number >= 0")
+        number("grad_clip", lambda v: v > 0, "a number > 0")
+        number("cond_drop", lambda v: 0 <= v < 1, "in [0, 1) (the probability of dropping a label)")
+        number("ema_decay", lambda v: 0 < v < 1, "in (0, 1)")
+        if self.max_train is not None:
+            if isinstance(self.max_train, bool) or not isinstance(self.max_train, int) \
+                    or self.max_train < self.batch_size:
+                bad("max_train", f"None (all training images) or an integer >= batch_size ({self.batch_size})")
+        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
+            bad("out", "a folder path")
+        if not isinstance(self.model_overrides, dict):
+            bad("model_overrides", "a dict of UNet2DModel keyword arguments")
+        return self
+
     def snapshot_steps(self) -> list[int]:
         first = self.steps - (self.k_snapshots - 1) * self.snapshot_every
         return [s for s in range(first, self.steps + 1, self.snapshot_every) if s > 0][: self.k_snapshots]
@@ -75,47 +139,97 @@ def _lr_lambda(cfg: TrainConfig):
     return f
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _save_state(obj, state_path: Path) -> None:
+    """Write ``state.pt`` atomically, keeping the one it replaces as ``state.prev.pt``: the new file is
+    written completely beside it first, then the old one is renamed to ``state.prev.pt`` and the new
+    one into place (a kill between the two renames leaves ``state.prev.pt`` alone, which resuming uses)."""
+    tmp = state_path.with_suffix(".pt.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if state_path.exists():
+        os.replace(state_path, state_path.with_name("state.prev.pt"))
+    os.replace(tmp, state_path)
 
 
-def forward_noise(scheduler, x0, generator=None, t=None, eps=None):
-    """The forward process of methods.md §0: ``(x_t, t, eps)`` with t ~ U{0..T-1} (0-based scheduler
-    indices) and eps ~ N(0, I) drawn from ``generator`` (t first) unless given."""
-    g_dev = generator.device if generator is not None else x0.device
-    if t is None:
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator, device=g_dev)
-    if eps is None:
-        eps = torch.randn(x0.shape, generator=generator, device=g_dev)
-    t, eps = t.to(x0.device), eps.to(x0.device)
-    return scheduler.add_noise(x0, eps, t), t, eps
+def _read_state(path: Path) -> tuple[dict | None, str]:
+    """(state, "") or (None, why it cannot be used) for one state file."""
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, garbage pickle, EOF, ...: all mean "unreadable"
+        msg = (str(e).strip().splitlines() or ["unreadable"])[0].split(". ")[0]
+        return None, f"{type(e).__name__}: {msg[:120]}"
+    if not isinstance(st, dict) or any(k not in st for k in STATE_KEYS):
+        return None, "not a training state (keys missing)"
+    return st, ""
 
 
-def noise_prediction_error(unet, scheduler, x0, labels=None, generator=None, t=None, eps=None):
-    """Per-pixel ``(eps - eps_theta(x_t, t))^2`` of methods.md §0, shape (batch, pixels), and the t used
-    (t and eps as in :func:`forward_noise`)."""
-    xt, t, eps = forward_noise(scheduler, x0, generator, t, eps)
-    pred = unet(xt, t, class_labels=labels).sample
-    return F.mse_loss(pred.float(), eps, reduction="none").flatten(1), t
+def load_state(run_dir: str | os.PathLike) -> tuple[dict | None, Path | None]:
+    """The training state of ``run_dir`` and the file it came from; ``(None, None)`` for a new run.
+
+    A ``state.pt`` that cannot be loaded (truncated, corrupt) or is missing beside a ``state.prev.pt``
+    falls back, with a warning, to ``state.prev.pt`` (the checkpoint before it: the steps after it are
+    trained again). When nothing can be loaded, a ValueError names the files and says what to do."""
+    out = Path(run_dir)
+    cur, prev = out / "state.pt", out / "state.prev.pt"
+    if not cur.exists() and not prev.exists():
+        return None, None
+    why = "missing (the run stopped while replacing it)"
+    if cur.exists():
+        st, why = _read_state(cur)
+        if st is not None:
+            return st, cur
+        if not prev.exists():
+            raise ValueError(f"{cur} cannot be loaded ({why}): it is truncated or corrupt and there is no "
+                             f"{prev.name} to fall back to. Delete {cur} to restart this run from step 0, or start "
+                             f"a new run in another out folder (--out)")
+    st, why_prev = _read_state(prev)
+    if st is None:
+        raise ValueError(f"cannot resume {out}: both checkpoints are unreadable (truncated or corrupt): {cur} ({why}) "
+                         f"and {prev} ({why_prev}). Delete both to restart this run from step 0, or start a new run "
+                         f"in another out folder (--out)")
+    what = f"{cur} cannot be loaded ({why})" if cur.exists() else f"{cur} is {why}"
+    warnings.warn(f"{what}: resuming from {prev} (step {st['step']}), the checkpoint before it; the steps after "
+                  f"{st['step']} are trained again", RuntimeWarning, stacklevel=3)
+    return st, prev
 
 
-def denoising_loss(unet, scheduler, x0, labels=None, generator=None, reduction="mean"):
-    """L_simple of methods.md §0: ``||eps - eps_theta(x_t, t)||^2`` with t ~ U{1..T}, eps ~ N(0, I).
-
-    ``reduction='none'`` returns one value per image (mean over pixels)."""
-    per = noise_prediction_error(unet, scheduler, x0, labels, generator)[0].mean(1)
-    return per.mean() if reduction == "mean" else per
+def _check_resume(st: dict, cfg: TrainConfig, state_path: Path) -> None:
+    """Refuse to resume with a config the checkpoint cannot honour (see :data:`RESUME_FIXED`)."""
+    rec = st["config"]
+    for k in ("dataset", "conditional", "batch_size", "seed"):
+        if rec[k] != getattr(cfg, k):
+            raise ValueError(f"{state_path} was made with {k}={rec[k]!r}, not {getattr(cfg, k)!r}: "
+                             f"use another out folder or delete it")
+    norm = lambda v: json.loads(json.dumps(v))  # tuples from Python, lists from JSON: the same config
+    changed = [k for k in RESUME_FIXED if k in rec and norm(rec[k]) != norm(getattr(cfg, k))]
+    if changed:
+        diffs = "; ".join(f"{k}: recorded {rec[k]!r}, now {getattr(cfg, k)!r}" for k in changed)
+        flags = " ".join(f"--{k.replace('_', '-')} {rec[k]}" if rec[k] is not None else f"leave out --{k.replace('_', '-')}"
+                         for k in changed if k != "model_overrides")
+        raise ValueError(
+            f"cannot resume {state_path.parent} with a changed config ({diffs}): a resumed run restores its "
+            f"optimiser, LR schedule, EMA and weights from {state_path.name}, so a new value would be ignored or "
+            f"would make the run a mix of two configs. Resume with the recorded value{'s' if len(changed) > 1 else ''} "
+            f"({', '.join(f'{k}={rec[k]!r}' for k in changed)}{'; on the command line: ' + flags if flags else ''}), "
+            f"or train with the new one in a new run folder (another --out, optionally --init from an exported "
+            f"model). Only steps may change on resume")
+    if rec["steps"] != cfg.steps and cfg.steps < st["step"]:
+        raise ValueError(f"{state_path} is already at step {st['step']} > steps={cfg.steps}")
 
 
 def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None = None,
-             device: str | torch.device | None = None, progress: bool = True) -> Path:
+             device: str | torch.device | None = None, progress: bool = True, overwrite_export: bool = False) -> Path:
     """Train (or resume) the run in ``cfg.out``; returns the exported EMA model folder.
 
     ``until`` stops early after that step (a checkpoint is written), as an interruption would."""
+    cfg.check()
     device = torch.device(device) if device else default_device()
     out = Path(cfg.out)
+    st, st_file = load_state(out)           # refuse a bad resume before loading data or building the model
+    if st is not None:
+        _check_resume(st, cfg, st_file)
     (out / "snapshots").mkdir(parents=True, exist_ok=True)
     data = data if data is not None else load_dataset(cfg.dataset, "train", cfg.data_root)
     if cfg.max_train:
@@ -136,15 +250,14 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
     gen = torch.Generator().manual_seed(cfg.seed)
     step, wall = 0, 0.0
     state_path = out / "state.pt"
-    if state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        for k in ("dataset", "conditional", "batch_size", "seed"):
-            if st["config"][k] != getattr(cfg, k):
-                raise ValueError(f"{state_path} was made with {k}={st['config'][k]!r}, not {getattr(cfg, k)!r}: "
-                                 f"use another out folder or delete it")
+    if st is not None:
+        if st_file != state_path:
+            if state_path.exists():  # keep the unreadable file for inspection; never rotate it into state.prev.pt
+                os.replace(state_path, out / "state.corrupt.pt")
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps({"step": st["step"], "resumed_from": st_file.name,
+                                    "reason": "state.pt unreadable or missing"}) + "\n")
         if st["config"]["steps"] != cfg.steps:  # lengthen/shorten a run: the LR schedule follows the new total
-            if cfg.steps < st["step"]:
-                raise ValueError(f"{state_path} is already at step {st['step']} > steps={cfg.steps}")
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps({"step": st["step"], "steps_changed": [st["config"]["steps"], cfg.steps]}) + "\n")
         unet.load_state_dict(st["model"])
@@ -157,9 +270,9 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     def save_state():
-        _atomic_torch_save(dict(model=unet.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                                ema=ema.state_dict(), gen=gen.get_state(), step=step, wall_s=wall,
-                                config=asdict(cfg)), state_path)
+        _save_state(dict(model=unet.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                         ema=ema.state_dict(), gen=gen.get_state(), step=step, wall_s=wall,
+                         config=asdict(cfg)), state_path)
 
     per_epoch = n // cfg.batch_size
     perm, perm_epoch = None, -1
@@ -208,7 +321,7 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
     bar.close()
     log.close()
     if step >= cfg.steps:
-        return export_ema(out, cfg.export, device=str(device))
+        return export_ema(out, cfg.export, device=str(device), overwrite=overwrite_export)
     return out
 
 
@@ -222,8 +335,13 @@ def export_ema(run_dir: str | os.PathLike, to: str | os.PathLike | None = None, 
     target = check_save_target(Path(to) if to else run_dir / "model", overwrite)
     state_path = run_dir / "state.pt"
     if not state_path.exists():
-        raise FileNotFoundError(f"{state_path} not found: nothing to export")
-    st = torch.load(state_path, map_location="cpu", weights_only=False)
+        raise FileNotFoundError(f"{state_path} not found: nothing to export" + (
+            " (state.prev.pt is there: resume the run with pretrain() first)"
+            if (run_dir / "state.prev.pt").exists() else ""))
+    st, why = _read_state(state_path)
+    if st is None:
+        raise ValueError(f"{state_path} cannot be loaded ({why}): it is truncated or corrupt. Resume the run "
+                         f"(pretrain with the same config) to continue from state.prev.pt and rewrite it, then export")
     cfg = TrainConfig(**st["config"])
     unet = load_model(cfg.init)[0] if cfg.init else build_unet(cfg.dataset, cfg.conditional, **cfg.model_overrides)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
