@@ -29,7 +29,7 @@
 # $$\ell_\theta(x_0) = \mathbb E_{t,\epsilon}\,\|\epsilon-\epsilon_\theta(x_t,t)\|^2 \qquad (L_\text{simple}, \text{methods.md §0}).$$
 # The same predictions bound the likelihood:
 # $-\log p_\theta(x_0) \le L_T + \sum_{t\ge2} w_t\,\mathbb E\|\epsilon-\epsilon_\theta(x_t,t)\|^2 + L_0$ with
-# $w_t = \beta_t^2 / (2\sigma_t^2\alpha_t(1-\bar\alpha_t))$ — `vdu.likelihood.nll_bits_per_dim` evaluates it
+# $w_t = \beta_t^2 / (2\sigma_t^2\alpha_t(1-\bar\alpha_t))$ — `vdu.diffusion.nll_bits_per_dim` evaluates it
 # per image, in bits per dimension.
 #
 # **Profiles.** The `parameters` cell below is the *smoke* profile (a minute on a laptop CPU; what
@@ -167,7 +167,7 @@ print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}, indent=1)
 # unlearning notebooks use on forget and retain sets.
 
 # %% tags=[]
-from vdu.likelihood import nll_bits_per_dim
+from vdu.diffusion import nll_bits_per_dim
 noise_bpd = nll_bits_per_dim(unet, sched, (torch.randint(0, 256, (4, *train.shape)) / 127.5 - 1),
                              timesteps=nll_timesteps, progress=False).mean().item()
 print(f"bits/dim: test images {metrics['bits_per_dim']['mean']:.3f}, uniform noise {noise_bpd:.3f}")

@@ -20,7 +20,7 @@
 #
 # Panda et al., "Variational Diffusion Unlearning" (arXiv 2510.04058) — methods.md §1. This notebook
 # derives the objective, states its hazards, and runs it through the package's single entry point
-# `vdu.unlearning.unlearn(model, forget_data, method="vdu", ...)`; the loss lives in `vdu.objectives`.
+# `vdu.unlearning.unlearn(model, forget_data, method="vdu", ...)`; the loss lives in `vdu.methods.vdu`, one of the methods of `vdu.methods`.
 #
 # ## Derivation
 #
@@ -62,8 +62,8 @@
 # need no retain data, so the data constraint is kept. `stability="function"` uses it (C_t = 1, mean over
 # pixels, replay samples drawn once from a seed bank) in place of B:
 #
-# $$B_	ext{fn}(	heta) = \mathbb E_{x_0\sim q,\,t,\,\epsilon}\,\|\epsilon_	heta(x_t,t) - \epsilon_{	heta^*}(x_t,t)\|^2,
-# \qquad L = \gamma B_	ext{fn} + (1-\gamma) A .$$
+# $$B_\text{fn}(\theta) = \mathbb E_{x_0\sim q,\,t,\,\epsilon}\,\|\epsilon_\theta(x_t,t) - \epsilon_{\theta^*}(x_t,t)\|^2,
+# \qquad L = \gamma B_\text{fn} + (1-\gamma) A .$$
 #
 # This is *our* variant, not the paper's; the notebook runs both and reports which one holds the model.
 #
@@ -80,7 +80,7 @@
 #    millions of parameters divided by tiny variances. Because AdamW is invariant to the overall
 #    scale of the loss, the normalisation only changes the *ratio* of B to A, i.e. the effective γ:
 #    `normalization="sum"` (literal) vs `"mean"` (B averaged over parameters, A over pixels and the
-#    batch; `vdu.objectives` docstring). Likewise the centre `μ*`: the checkpoint mean (`"mean"`) or
+#    batch; `vdu.methods.vdu` docstring). Likewise the centre `μ*`: the checkpoint mean (`"mean"`) or
 #    the deployed EMA weights θ* (`"deployed"`), from which unlearning starts.
 # 4. **Collapse looks like forgetting.** A blank or garbage sample is "not the forgotten class" to
 #    the evaluator. Every result reports PUL together with u-FID and the confident share.
@@ -100,7 +100,7 @@ model_dir = None           # diffusers folder with posterior.safetensors (defaul
 evaluator_dir = None       # default checkpoints/<dataset>/evaluator
 forget_class = 1           # the paper's MNIST example
 n_forget = 256             # forget-class training images available to the method (the data constraint)
-configs = {                # named unlearning settings (vdu.unlearning.UnlearnConfig fields), compared throughout
+configs = {                # named settings: loop (vdu.unlearning.LoopConfig) + method (vdu.methods.vdu.VDUConfig) fields
     "vdu": dict(stability="posterior", gamma=0.5, lr=1e-6, steps=40, stop_forget_ratio=1.02),   # the paper's B
     "vdu-function": dict(stability="function", gamma=0.8, lr=3e-5, steps=20, stop_forget_ratio=1.3,
                          replay_samples=64, replay_ddim_steps=10),                              # our variant
@@ -134,13 +134,14 @@ import matplotlib.pyplot as plt
 import torch
 
 from vdu.cards import grid_array
-from vdu.data import load_dataset
+from vdu.data import class_split, load_dataset
 from vdu.evaluator import load_evaluator
-from vdu.experiments import Evaluation, forget_split, scale_table, trajectory, unlearn_and_measure
+from vdu.evaluation import EvalConfig, evaluate
+from vdu.experiments import scale_table, trajectory, unlearn_and_measure
 from vdu.models import load_model
 from vdu.posterior import load_posterior, make_posterior
 from vdu.results import REPO, machine, save_figure, write_results
-from vdu.unlearning import unlearn
+from vdu.unlearning import LoopConfig, unlearn
 
 torch.set_num_threads(threads)
 torch.manual_seed(seed)
@@ -155,7 +156,7 @@ unet, sched = load_model(model_path)
 evaluator = load_evaluator(REPO / evaluator_dir)
 posterior = load_posterior(model_path / "posterior.safetensors", unet)
 configs = {name: {**common, **c, "seed": seed} for name, c in configs.items()}
-evaluation = Evaluation(n_samples, ddim_steps, seed, nll_timesteps)
+evaluation = EvalConfig(n_samples, "ddim", ddim_steps, seed, nll_timesteps)
 print(machine())
 print(f"model: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters; posterior K={posterior['k']} "
       f"({posterior['method']})")
@@ -169,7 +170,7 @@ for name, c in configs.items():
 
 # %% tags=[]
 train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
-split = forget_split(train, test, forget_class, n_forget, n_reference=n_reference, nll_images=nll_images, seed=seed)
+split = class_split(train, test, forget_class, n_forget, n_reference=n_reference, nll_images=nll_images, seed=seed)
 x_forget = split.forget
 print(f"forget class {forget_class}: {len(x_forget)} forget images; u-FID reference {len(split.reference)} "
       f"retained-class test images; NLL on {len(split.nll_forget)} + {len(split.nll_retain)} test images, "
@@ -202,7 +203,7 @@ for r in scale_rows:
 # against retained-class test images, NLL bound on forget / retain test images.
 
 # %% tags=[]
-before, xs_before = evaluation(unet, sched, evaluator, split)
+before, xs_before = evaluate(unet, sched, evaluator, evaluation, split)
 print(f"before: forget share {before['forget_share']:.3f}, confident {before['confident_share']:.3f}, "
       f"u-FID {before['u_fid']:.2f}, NLL forget {before['forget_nll']:.3f} / retain {before['retain_nll']:.3f} bits/dim")
 
@@ -215,7 +216,8 @@ print(f"before: forget share {before['forget_share']:.3f}, confident {before['co
 
 # %% tags=[]
 trajectories = {}
-runs = {**configs, "neggrad": {**common, "lr": neggrad_lr, "seed": seed}} if trajectory_steps else {}
+loop_common = {k: v for k, v in common.items() if k in LoopConfig.__dataclass_fields__}  # NegGrad has no B options
+runs = {**configs, "neggrad": {**loop_common, "lr": neggrad_lr, "seed": seed}} if trajectory_steps else {}
 for name, c in runs.items():
     trajectories[name] = trajectory(unet, sched, evaluator, split, c, evaluation, trajectory_steps, trajectory_every,
                                     posterior, method="neggrad" if name == "neggrad" else "vdu")
@@ -237,7 +239,7 @@ if trajectories:
 
 # %% [markdown] tags=[]
 # ## Unlearning the forget class with the stop rule
-# One call; the config fields are `vdu.unlearning.UnlearnConfig`. The stop rule measures the forget
+# One call; the options are the loop's (`vdu.unlearning.LoopConfig`) and the method's (`vdu.methods.vdu.VDUConfig`). The stop rule measures the forget
 # denoising loss on the fixed probe every `probe_every` steps and stops once it reaches
 # `stop_forget_ratio` × its pretrained value — the likelihood constraint `E_{D_f}[−log p] ≥ b` of
 # methods.md §2 expressed through the denoising bound, with `b` set just below the runaway.
@@ -245,7 +247,7 @@ if trajectories:
 # %% tags=[]
 cfg = configs[main_config]
 t0 = time.time()
-unl = unlearn(unet, x_forget, "vdu", sched, posterior=posterior, **{**cfg, "progress": False})
+unl = unlearn(unet, split, "vdu", sched, posterior=posterior, **{**cfg, "progress": False})
 unlearn_s = time.time() - t0
 log = unl.unlearn_log
 print(f"{main_config}: stopped ({log.stop_reason}) after {log.steps_done} steps, {unlearn_s:.0f} s")
@@ -267,7 +269,7 @@ save_figure(fig, dataset, "vdu-run", profile);
 # ## After: same seed bank, same metrics
 
 # %% tags=[]
-after, xs_after = evaluation(unl, sched, evaluator, split, before=before)
+after, xs_after = evaluate(unl, sched, evaluator, evaluation, split, before=before)
 print(f"after:  forget share {after['forget_share']:.3f}, PUL {after['pul']:.1f}%, confident {after['confident_share']:.3f}, "
       f"u-FID {after['u_fid']:.2f} ({after['u_fid'] / before['u_fid']:.2f}x pretrained), "
       f"NLL forget {after['forget_nll']:.3f} / retain {after['retain_nll']:.3f} bits/dim")
@@ -310,8 +312,8 @@ splits, befores = {}, {}
 
 def class_data(c):
     if c not in splits:
-        splits[c] = forget_split(train, test, c, n_forget, n_reference=n_reference, nll_images=nll_images, seed=seed)
-        befores[c] = evaluation(unet, sched, evaluator, splits[c])[0]
+        splits[c] = class_split(train, test, c, n_forget, n_reference=n_reference, nll_images=nll_images, seed=seed)
+        befores[c] = evaluate(unet, sched, evaluator, evaluation, splits[c])[0]
     return splits[c], befores[c]
 
 
@@ -359,7 +361,7 @@ if gamma_sweep:
 size_sweep = []
 for name, cf in configs.items() if forget_fractions else ():
     for fr in forget_fractions:
-        sp = forget_split(train, test, forget_class, fraction=fr, n_reference=n_reference, nll_images=nll_images,
+        sp = class_split(train, test, forget_class, fraction=fr, n_reference=n_reference, nll_images=nll_images,
                           seed=seed)
         r = unlearn_and_measure(unet, sched, evaluator, sp, class_data(forget_class)[1], cf, evaluation, posterior,
                                 nll=False, name=name)

@@ -8,7 +8,7 @@ from vdu.cards import quality_bar
 from vdu.metrics import class_histogram
 from vdu.models import load_model, null_class
 from vdu.posterior import load_posterior
-from vdu.sampling import sample
+from vdu.diffusion import sample
 
 
 def test_unconditional_ddpm_generates_recognisable_digits(evaluator):

@@ -3,7 +3,7 @@ import torch
 
 from conftest import tiny_unet
 from vdu.models import build_scheduler
-from vdu.sampling import sample
+from vdu.diffusion import sample
 
 
 @pytest.mark.parametrize("method", ["ddim", "ddpm"])

@@ -37,7 +37,8 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, small_data):
         pretrain(_cfg(tmp_path / "b", batch_size=8), data=small_data, progress=False)
     with pytest.raises(ValueError, match="already at step"):
         pretrain(_cfg(tmp_path / "b", steps=4), data=small_data, progress=False)
-    longer = pretrain(_cfg(tmp_path / "b", steps=8), data=small_data, progress=False)  # extend a finished run
+    longer = pretrain(_cfg(tmp_path / "b", steps=8), data=small_data, progress=False,  # extend a finished run
+                      overwrite_export=True)
     assert torch.load(tmp_path / "b" / "state.pt", weights_only=False)["step"] == 8 and longer.exists()
 
 
@@ -65,7 +66,7 @@ def test_posterior_from_snapshots(tmp_path, small_data):
     with pytest.raises(ValueError, match="other weights"):
         load_posterior(path, tiny_unet(seed=7))
     with pytest.raises(ValueError, match="fewer than K"):
-        make_posterior(model, tmp_path / "d", k=5, progress=False)
+        make_posterior(model, tmp_path / "d", k=5, progress=False, overwrite=True)
 
 
 def test_posterior_from_continuations(tmp_path, small_data, monkeypatch):
@@ -96,3 +97,33 @@ def test_gaussian_needs_two_matching_checkpoints():
         gaussian_from_checkpoints([a])
     with pytest.raises(ValueError, match="architecture"):
         gaussian_from_checkpoints([a, {"w": torch.zeros(4)}])
+
+
+def test_posterior_from_the_model_alone(tmp_path, small_data, monkeypatch):
+    """'self': continuations trained on the model's own samples; no dataset is ever loaded."""
+    import vdu.training
+
+    def no_data(*a, **k):
+        raise AssertionError("the 'self' posterior must not load a dataset")
+    model = pretrain(_cfg(tmp_path / "s", k_snapshots=2), data=small_data, progress=False)
+    monkeypatch.setattr(vdu.training, "load_dataset", no_data)
+    from vdu.models import load_model
+    post = load_posterior(make_posterior(model, method="self", k=2, continuation_steps=2, continuation_lr=1e-2,
+                                         self_samples=32, progress=False, work_dir=tmp_path / "w",
+                                         out=tmp_path / "self.safetensors"), load_model(model)[0])
+    assert post["method"] == "self" and post["k"] == 2 and (post["var"]["conv_in.weight"] > 1e-8).any()
+
+
+def test_fisher_posterior_is_narrow_where_the_forget_data_is_informative():
+    from vdu.models import build_scheduler
+    from vdu.posterior import VAR_FLOOR, fisher_posterior
+    unet = tiny_unet()
+    x = torch.rand(16, 1, 28, 28) * 2 - 1
+    post = fisher_posterior(unet, build_scheduler(), x, batch_size=8)
+    v = torch.cat([t.flatten() for t in post["var"].values()])
+    assert ((v >= VAR_FLOOR) & (v <= 1.0)).all() and v.min() < 0.5 * v.max()
+    assert all(torch.equal(post["mean"][n], p.detach()) for n, p in unet.named_parameters())
+    from vdu.unlearning import unlearn
+    out = unlearn(unet, x, "vdu", build_scheduler(), posterior=post, steps=2, batch_size=8, probe_every=0,
+                  progress=False)
+    assert out.unlearn_log.steps_done == 2

@@ -10,7 +10,8 @@ import torch
 from conftest import CKPT, TINY, tiny_unet
 from vdu.models import build_scheduler, build_unet, load_model
 from vdu.posterior import save_posterior
-from vdu.unlearning import UnlearnConfig, unlearn
+from vdu.data import UnlearnData
+from vdu.unlearning import LoopConfig, unlearn
 
 FAST = dict(progress=False, probe_size=8, batch_size=8, probe_every=0)
 
@@ -86,10 +87,23 @@ def test_bad_inputs(tiny, tmp_path):
         unlearn(unet, torch.zeros(4, 3, 32, 32), "vdu", sched, posterior=post, **FAST)
     with pytest.raises(ValueError, match="posterior"):
         unlearn(unet, x, "vdu", sched, posterior=None, **FAST)
-    with pytest.raises(ValueError, match="unknown method"):
-        unlearn(unet, x, "esd", sched, **FAST)
-    with pytest.raises(TypeError, match="unknown unlearn option"):
+    with pytest.raises(ValueError, match="unknown unlearning method 'fisher'.*known methods"):
+        unlearn(unet, x, "fisher", sched, **FAST)
+    with pytest.raises(TypeError, match="unknown unlearn option 'gama'"):
         unlearn(unet, x, "neggrad", sched, gama=0.5, **FAST)
+    with pytest.raises(TypeError, match=r"'gamma' belongs to method\(s\) \['vdu'\], not to 'neggrad'"):
+        unlearn(unet, x, "neggrad", sched, gamma=0.5, **FAST)
+    with pytest.raises(ValueError, match="needs retain data"):
+        unlearn(unet, x, "finetune", sched, **FAST)
+    with pytest.raises(ValueError, match="needs a class-conditional model"):
+        unlearn(unet, UnlearnData(x, forget_class=1), "esd", sched, **FAST)
+    with pytest.raises(ValueError, match="dtype torch.uint8"):
+        unlearn(unet, (x * 127.5 + 127.5).to(torch.uint8), "neggrad", sched, **FAST)
+    with pytest.raises(ValueError, match=r"must be in \[-1, 1\]"):
+        unlearn(unet, x * 127.5 + 127.5, "neggrad", sched, **FAST)
+    for bad in (dict(batch_size=0), dict(steps=-1), dict(lr=0.0), dict(steps=2.5)):
+        with pytest.raises((ValueError, TypeError), match=next(iter(bad))):
+            unlearn(unet, x, "neggrad", sched, **{**FAST, **bad})
     # a posterior file made for a different architecture
     other = build_unet("mnist", **{**TINY, "block_out_channels": (16, 32)})
     p = _post(other)
@@ -100,7 +114,7 @@ def test_bad_inputs(tiny, tmp_path):
 
 def test_config_object_and_overrides(tiny):
     unet, sched, x = tiny
-    cfg = UnlearnConfig(steps=1, **FAST)
+    cfg = LoopConfig(steps=1, **FAST)
     out = unlearn(unet, x, "neggrad", sched, config=cfg, lr=1e-5)
     assert out.unlearn_log.config["lr"] == 1e-5 and cfg.lr == 1e-4  # the caller's config is not mutated
 
@@ -109,7 +123,7 @@ MODEL = Path(os.environ.get("VDU_TEST_MODEL", CKPT / "ddpm"))
 
 
 def test_function_space_kl_is_zero_at_the_teacher_and_pulls_back(tiny):
-    from vdu.objectives import function_space_kl
+    from vdu.methods.vdu import function_space_kl
     unet, sched, x = tiny
     student = tiny_unet()
     g = torch.Generator().manual_seed(0)
@@ -153,8 +167,10 @@ def test_sgd_and_preconditioning(tiny):
         assert torch.allclose(step_pre[n], step_plain[n] * post["var"][n] / mean_var, rtol=1e-2, atol=1e-9), n
     with pytest.raises(ValueError, match="optimizer"):
         unlearn(unet, x, "vdu", sched, posterior=post, optimizer="lbfgs", **FAST)
-    with pytest.raises(ValueError, match="precondition"):
+    with pytest.raises(TypeError, match="precondition"):
         unlearn(unet, x, "neggrad", sched, precondition=True, **FAST)
+    with pytest.raises(ValueError, match="precondition"):
+        unlearn(unet, x, "vdu", sched, stability="function", precondition=True, **FAST)
     with pytest.raises(ValueError, match="stability"):
         unlearn(unet, x, "vdu", sched, posterior=post, stability="fisher", **FAST)
 
@@ -176,11 +192,13 @@ SMOKE_EVAL = dict(eval_samples=128, eval_ddim_steps=20, eval_seed=0, progress=Fa
 
 def _smoke(mnist_setup, evaluator, **cfg):
     unet, sched, forget, ref = mnist_setup
-    out = unlearn(unet, forget, "vdu", sched, posterior=MODEL / "posterior.safetensors", evaluator=evaluator,
-                  forget_class=1, eval_reference=ref, batch_size=32, probe_every=0, **SMOKE_EVAL, **cfg)
+    out = unlearn(unet, UnlearnData(forget, forget_class=1, reference=ref), "vdu", sched,
+                  posterior=MODEL / "posterior.safetensors", evaluator=evaluator, batch_size=32, probe_every=0,
+                  **SMOKE_EVAL, **cfg)
     return out.unlearn_log.evals[0], out.unlearn_log.evals[-1], out.unlearn_log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [
     dict(stability="posterior", gamma=0.5, lr=1e-6, steps=20, eval_every=20),
     dict(stability="function", gamma=0.9, lr=1e-4, steps=20, eval_every=20, replay_samples=64,
@@ -196,6 +214,7 @@ def test_smoke_forget_share_falls_without_collapse(mnist_setup, evaluator, cfg):
     assert last["u_fid"] <= 1.5 * first["u_fid"], (first, last)
 
 
+@pytest.mark.slow
 def test_smoke_collapse_is_caught_not_counted(mnist_setup, evaluator):
     """The measured hazard of methods.md §1: at lr 1e-4 the paper's objective blanks the samples within
     a few steps. The forget share then 'falls' too, but the confident share and u-FID expose it, and the

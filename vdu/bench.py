@@ -9,12 +9,10 @@ import time
 
 import torch
 
+from .diffusion import denoising_loss, nll_bits_per_dim, sample
 from .evaluator import Evaluator
-from .likelihood import nll_bits_per_dim
 from .models import build_scheduler, build_unet, default_device
 from .results import write_results
-from .sampling import sample
-from .training import denoising_loss
 
 
 def _time(fn, repeats: int = 5, warmup: int = 2) -> float:
@@ -54,7 +52,8 @@ def run(dataset: str = "mnist", batch: int = 64, repeats: int = 5) -> dict:
     t = _time(lambda: nll_bits_per_dim(unet, sched, x.clamp(-1, 1), timesteps=5, progress=False), max(1, repeats // 2), 1)
     out["nll_img_terms_per_s"] = round(batch * 6 / t, 1)
     ev = Evaluator(c, 10, s).to(dev).eval()
-    out["evaluator_img_per_s"] = round(batch / _time(lambda: ev.predict(x), repeats), 1)
+    xe = x.clamp(-1, 1)
+    out["evaluator_img_per_s"] = round(batch / _time(lambda: ev.predict(xe), repeats), 1)
     out.update(vdu_step_cost(unet, sched, x, repeats))
     return out
 
@@ -63,7 +62,7 @@ def vdu_step_cost(unet, sched, x, repeats: int = 5) -> dict:
     """Seconds of one VDU step (methods.md §1: L = gamma B + (1 - gamma) A, "mean" normalisation)
     relative to one plain denoising fine-tuning step on the same batch (issue goal: <= 1.1x); and of one
     step with ``stability="function"`` (the replay KL doubles the forward/backward work: expect ~2x)."""
-    from .objectives import FunctionSpaceRegularizer, StabilityRegularizer, vdu_loss
+    from .methods.vdu import FunctionSpaceRegularizer, StabilityRegularizer, vdu_loss
 
     post = {"mean": {n: p.detach().clone() for n, p in unet.named_parameters()},
             "var": {n: torch.full_like(p, 1e-6) for n, p in unet.named_parameters()}}
@@ -84,12 +83,60 @@ def vdu_step_cost(unet, sched, x, repeats: int = 5) -> dict:
             "vdu_function_step_s": round(tf, 4), "vdu_function_step_ratio": round(tf / tp, 3)}
 
 
+def sampler_quality(model_dir: str = "checkpoints/mnist/ddpm", evaluator_dir: str = "checkpoints/mnist/evaluator",
+                    n: int = 256, seed: int = 0, n_reference: int = 2000) -> dict:
+    """Evaluation sampling is what every table pays for: seconds and quality (confident share, domain FID vs
+    ``n_reference`` test images) of ``n`` seed-bank samples of the committed model for DDIM 20 / 50 and
+    DPM-Solver++ 10 / 20, and of DDIM 20 under bfloat16 autocast and with channels-last weights; each time
+    as a ratio to DDIM 20 in float32."""
+    from .data import load_dataset
+    from .evaluator import load_evaluator
+    from .metrics import class_histogram, domain_fid
+    from .models import load_model
+    from .results import REPO
+
+    unet, sched = load_model(REPO / model_dir)
+    ev = load_evaluator(REPO / evaluator_dir)
+    ref = load_dataset("mnist", "test").take(n_reference, seed=seed).images
+    rows = {}
+
+    def measure(name, fn):
+        t0 = time.perf_counter()
+        x = fn()
+        secs = time.perf_counter() - t0
+        h = class_histogram(ev, x)
+        rows[name] = {"s": round(secs, 2), "confident_share": round(h["confident_share"], 4),
+                      "domain_fid": round(domain_fid(ev, x, ref), 3)}
+        return x
+
+    base = measure("ddim20", lambda: sample(unet, sched, n, seed=seed, steps=20, progress=False))
+    measure("ddim50", lambda: sample(unet, sched, n, seed=seed, steps=50, progress=False))
+    measure("dpm10", lambda: sample(unet, sched, n, seed=seed, method="dpm", steps=10, progress=False))
+    measure("dpm20", lambda: sample(unet, sched, n, seed=seed, method="dpm", steps=20, progress=False))
+
+    def bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return sample(unet, sched, n, seed=seed, steps=20, progress=False).float()
+    xb = measure("ddim20_bf16", bf16)
+    cl = __import__("copy").deepcopy(unet).to(memory_format=torch.channels_last)
+    measure("ddim20_channels_last", lambda: sample(cl, sched, n, seed=seed, steps=20, progress=False))
+    ref_s = rows["ddim20"]["s"]
+    for r in rows.values():
+        r["time_ratio"] = round(r["s"] / ref_s, 3)
+    rows["bf16_max_abs_diff_vs_fp32"] = round((xb - base).abs().max().item(), 4)
+    return {"samples": n, "model": model_dir, "reference": f"{n_reference} MNIST test images", "settings": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m vdu.bench")
     ap.add_argument("--dataset", default="mnist")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--quality-samples", type=int, default=256,
+                    help="samples per sampler setting in the speed-vs-quality comparison (0: skip it)")
     a = ap.parse_args()
     res = run(a.dataset, a.batch)
+    if a.quality_samples and a.dataset == "mnist":
+        res["sampling"] = sampler_quality(n=a.quality_samples)
     path = write_results(a.dataset, "bench", res, profile="full")
     for k, v in res.items():
         print(f"{k:>24}: {v}")

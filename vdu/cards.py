@@ -10,12 +10,12 @@ import torch
 from torchvision.utils import save_image
 
 from .data import load_dataset
+from .evaluation import EvalConfig
 from .evaluator import load_evaluator
-from .likelihood import nll_bits_per_dim
+from .diffusion import nll_bits_per_dim
 from .metrics import class_histogram, domain_fid, domain_kid
 from .models import load_model, null_class
 from .results import machine
-from .sampling import sample
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 10) -> Path:
@@ -54,7 +54,7 @@ def evaluate(unet, scheduler, evaluator, reference, n: int = 1000, ddim_steps: i
     labels = None
     if null_class(unet) is not None:
         labels = torch.arange(n) % null_class(unet)
-    x = sample(unet, scheduler, n, seed=seed, steps=ddim_steps, class_labels=labels, progress=progress)
+    x = EvalConfig(n, "ddim", ddim_steps, seed).sample(unet, scheduler, class_labels=labels, progress=progress)
     sample_s = time.time() - t0
     hist = class_histogram(evaluator, x)
     m = {

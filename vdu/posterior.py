@@ -6,9 +6,13 @@ Two documented ways to get the K sets, switchable in ``make_posterior``:
 - ``"snapshots"`` (default, free): the K late raw-weight snapshots of one pretraining run, spaced
   ``snapshot_every`` steps apart (SWAG-diagonal). Their spread measures how far SGD wanders around
   the solution at the end of training.
-- ``"continuations"``: K short continuations of pretraining from the final weights with different
-  seeds (independent minibatch noise), as in the measurement quoted in methods.md §1. Costs K x
-  ``steps`` extra training steps.
+- ``"continuations"``: K continuations of pretraining from the final weights with different seeds
+  (independent data orders and minibatch noise), the paper's "independent checkpoints"; make them long
+  enough to move (>= 1 epoch). Costs K x ``steps`` extra training steps.
+- ``"self"``: the same continuations trained on ``self_samples`` samples of the model itself, for
+  users who have one diffusers folder and neither checkpoints nor the training data.
+- :func:`fisher_posterior` (no file): ``N(theta*, diag 1 / (N F + 1))`` with F the diagonal empirical
+  Fisher of the forget set (the Laplace / EWC view: precision where the forget data is informative).
 
 The file stores ``mu* - theta*`` and ``log sigma*^2`` in float16 (theta*: the EMA weights actually
 served, read from the model folder), so VDU can use either centre for its regulariser, and a SHA-256
@@ -28,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 VAR_FLOOR = 1e-8
+METHODS = ("snapshots", "continuations", "self")
 DIGEST_FORMAT = "sha256/float16/sorted-names/v1"
 # Snapshots are accepted for a model only if their mean lies within this relative L2 distance of the
 # model's weights (see make_posterior).
@@ -185,7 +190,8 @@ def check_snapshots_belong(deployed: dict, snapshots: list[dict], files: list, m
 def make_posterior(model_dir: str | os.PathLike, run_dir: str | os.PathLike | None = None, k: int = 4,
                    method: str = "snapshots", continuation_steps: int = 200, continuation_lr: float = 1e-4,
                    out: str | os.PathLike | None = None, progress: bool = True,
-                   work_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+                   work_dir: str | os.PathLike | None = None, overwrite: bool = False, self_samples: int = 1000,
+                   self_seed: int = 777) -> Path:
     """Build ``model_dir/posterior.safetensors`` (or ``out``) from K checkpoints (see module docstring).
 
     An existing posterior file is only replaced with ``overwrite=True`` (checked before any work).
@@ -220,8 +226,10 @@ def make_posterior(model_dir: str | os.PathLike, run_dir: str | os.PathLike | No
                               f"(`python -m vdu posterior ... --overwrite`) to replace it, or write elsewhere with out=")
     if out_path.is_dir():
         raise IsADirectoryError(f"{out_path} is a folder; pass a file path for the posterior")
-    if method not in ("snapshots", "continuations"):
-        raise ValueError(f"method must be 'snapshots' or 'continuations', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if k < 2 or continuation_steps < 1:
+        raise ValueError(f"need k >= 2 checkpoints and continuation_steps >= 1 (got {k}, {continuation_steps})")
     unet, _ = load_model(model_dir)
     deployed = {n: p.detach() for n, p in unet.named_parameters()}
     if method == "snapshots":
@@ -235,22 +243,69 @@ def make_posterior(model_dir: str | os.PathLike, run_dir: str | os.PathLike | No
     else:
         from dataclasses import asdict
         import tempfile
-        base = json.loads((model_dir / "train.json").read_text())["config"]
+        train_json = model_dir / "train.json"
+        base = json.loads(train_json.read_text())["config"] if train_json.exists() else asdict(TrainConfig())
+        data = None
+        if method == "self":
+            data = _self_data(unet, self_samples, seed=self_seed, progress=progress)
+            base = {**base, "max_train": None}
         work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="vdu-continuations-"))
         sds = []
         for i in range(k):
             cfg = TrainConfig(**{**base, "init": str(model_dir), "seed": 1000 + i, "steps": continuation_steps,
                                  "warmup": 1, "lr": continuation_lr, "lr_final_frac": 1.0, "k_snapshots": 1,
                                  "snapshot_every": continuation_steps, "checkpoint_every": continuation_steps,
-                                 "out": str(work / f"continuation{i}"),
-                                 "export": str(work / f"continuation{i}/model")})
+                                 "out": str(work / f"{'self' if method == 'self' else 'continuation'}{i}"),
+                                 "export": str(work / f"{'self' if method == 'self' else 'continuation'}{i}/model")})
             done = Path(cfg.out) / "snapshots" / f"step_{continuation_steps:07d}.safetensors"
             cfg_file = Path(cfg.out) / "config.json"
             if not (done.exists() and cfg_file.exists() and json.loads(cfg_file.read_text()) == json.loads(json.dumps(asdict(cfg)))):
                 # a finished continuation is reused as is; pretrain() would re-export its model folder
-                pretrain(replace(cfg), progress=progress)
+                pretrain(replace(cfg), data=data, progress=progress)
             sds.append(load_file(snapshot_files(cfg.out)[-1]))
     names = set(deployed)
     sds = [{n: v for n, v in sd.items() if n in names} for sd in sds]
     mean, var = gaussian_from_checkpoints(sds)
     return save_posterior(out_path, mean, var, deployed, k, method)
+
+
+def _self_data(unet, n: int, seed: int = 777, steps: int = 20, progress: bool = True):
+    """``n`` samples of the model (DDIM ``steps``) as training data for the 'self' continuations; a
+    class-conditional model is sampled with prompts ``i % classes`` and keeps them as labels."""
+    from .data import ImageData
+    from .diffusion import sample
+    from .models import build_scheduler, null_class
+    if n < 1:
+        raise ValueError(f"self_samples must be >= 1, got {n}")
+    null = null_class(unet)
+    labels = torch.zeros(n, dtype=torch.long) if null is None else torch.arange(n) % null
+    x = sample(unet, build_scheduler(), n, seed=seed, steps=steps,
+               class_labels=None if null is None else labels, progress=progress)
+    return ImageData(x, labels, [str(i) for i in range(int(labels.max()) + 1)], "self-samples")
+
+
+def fisher_posterior(model: torch.nn.Module, scheduler, images: torch.Tensor, batch_size: int = 16,
+                     n_batches: int | None = None, seed: int = 0, labels=None) -> dict:
+    """A posterior from the model and the forget set alone: mean theta*, variance ``1 / (N F_i + 1)`` floored
+    at ``VAR_FLOOR``, with ``F_i = E[(d L_simple / d theta_i)^2]`` the diagonal empirical Fisher over
+    mini-batches of ``images`` (N of them). The Laplace approximation with the Fisher as the curvature:
+    narrow where the forget data pins a weight, wide (up to 1) where it says nothing. Returns the dict
+    ``unlearn(..., posterior=)`` takes (``center="mean"`` and ``"deployed"`` coincide here)."""
+    from .diffusion import denoising_loss
+    if len(images) == 0 or batch_size < 1:
+        raise ValueError("fisher_posterior needs forget images and batch_size >= 1")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    F = {n: torch.zeros_like(p) for n, p in params.items()}
+    g = torch.Generator().manual_seed(seed)
+    nb = n_batches or max(1, len(images) // batch_size)
+    dev = next(model.parameters()).device
+    for _ in range(nb):
+        idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=g)
+        lab = None if labels is None else torch.as_tensor(labels)[idx].to(dev)
+        loss = denoising_loss(model, scheduler, images[idx].to(dev), lab, generator=g)
+        for (n, p), gr in zip(params.items(), torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
+            if gr is not None:
+                F[n] += gr.detach().pow(2) / nb
+    deployed = {n: p.detach().clone() for n, p in params.items()}
+    var = {n: (1.0 / (len(images) * F[n] + 1.0)).clamp_min(VAR_FLOOR) for n in params}
+    return {"mean": deployed, "var": var, "deployed": deployed, "k": 0, "method": "fisher"}

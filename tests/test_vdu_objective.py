@@ -1,10 +1,12 @@
-"""VDU / NegGrad losses (vdu.objectives, methods.md §1) against hand computations on a tiny UNet."""
+"""VDU / NegGrad losses (vdu.methods.vdu, methods.md §1) against hand computations on a tiny UNet."""
 import pytest
 import torch
 
 from conftest import tiny_unet
-from vdu import objectives
-from vdu.likelihood import elbo_weights
+from vdu import diffusion
+from vdu.methods import neggrad
+from vdu.methods import vdu as objectives
+from vdu.diffusion import elbo_weights
 from vdu.models import build_scheduler
 
 
@@ -102,9 +104,9 @@ def test_vdu_loss_combination_and_neggrad(setup):
         for gamma in (0.0, 0.3, 1.0):
             out = objectives.vdu_loss(unet, sched, x, reg, gamma, t=t, eps=eps)
             assert out["loss"].item() == pytest.approx(gamma * out["B"].item() + (1 - gamma) * out["A"].item(), rel=1e-6)
-        ng = objectives.neggrad_loss(unet, sched, x, t=t, eps=eps)
+        ng = neggrad.neggrad_loss(unet, sched, x, t=t, eps=eps)
     assert ng["loss"].item() == pytest.approx(-_hand_sq(unet, sched, x, t, eps).mean().item(), rel=1e-5)
-    assert ng["B"].item() == 0
+    assert "B" not in ng
 
 
 def test_bad_inputs(setup):
@@ -118,7 +120,7 @@ def test_bad_inputs(setup):
     with pytest.raises(ValueError, match="center"):
         objectives.StabilityRegularizer(unet, post, center="ema")
     with pytest.raises(ValueError, match="weighting"):
-        objectives.timestep_weights(sched, "vlb")
+        diffusion.timestep_weights(sched, "vlb")
     other = tiny_unet()
     other_post = _posterior(tiny_unet(), seed=2)
     other_post["mean"] = {k: v[..., :1] if v.ndim > 1 else v for k, v in other_post["mean"].items()}

@@ -3,7 +3,7 @@ import math
 import torch
 
 from conftest import tiny_unet
-from vdu.likelihood import _discretized_gaussian_nll, elbo_weights, nll_bits_per_dim
+from vdu.diffusion import _discretized_gaussian_nll, elbo_weights, nll_bits_per_dim
 from vdu.models import build_scheduler
 
 

@@ -1,0 +1,297 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: -papermill
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown] tags=[]
+# # 4 · Class unlearning on MNIST: every method on the same model, seeds and evaluator
+#
+# **Read first:** `pretrain` (the base models, the evaluator, the metrics) and `vdu_unlearning` (VDU and
+# the loop's stop rule and guards). **What this shows:** the baselines a reader compares with, run
+# through the one loop `vdu.unlearning.unlearn` on the same base model, the same seed bank and the same
+# evaluator, split by the data each method may touch; a Pareto plot over each method's strength; and a
+# relearning attack. **Cost:** smoke profile a few minutes (tests); the full profile
+# (`params/benchmark-full.yaml`, `make run-all`) several hours on one CPU thread.
+#
+# ## The methods, in one line each
+#
+# Notation: $\epsilon_\theta(x_t,t,c)$ the model's noise prediction at $x_t=\sqrt{\bar\alpha_t}x_0+\sqrt{1-\bar\alpha_t}\,\epsilon$,
+# $\theta^*$ the pretrained weights and $\epsilon^*$ their frozen prediction, $c_f$ the forgotten class,
+# $\varnothing$ the null class of a conditional model, $L_\text{simple}(D)=\mathbb E_{x_0\in D,t,\epsilon}\|\epsilon-\epsilon_\theta(x_t,t)\|^2$.
+#
+# | method | data | loss per step |
+# |---|---|---|
+# | `vdu` (paper) | $D_f$ + posterior | $\gamma\sum_i \frac{(\theta_i-\mu^*_i)^2}{2\sigma^{*2}_i} - (1-\gamma)\,L_\text{simple}(D_f)$ |
+# | `vdu`, `stability="function"` | $D_f$ + replay | $\gamma\,\mathbb E_{x_0\sim p_{\theta^*}}\|\epsilon_\theta(x_t,t)-\epsilon^*(x_t,t)\|^2 - (1-\gamma)\,L_\text{simple}(D_f)$ |
+# | `neggrad` | $D_f$ | $-L_\text{simple}(D_f)$ |
+# | `amnesia` (Selective Amnesia) | none (replay) | $L_\text{simple}(u\sim\mathcal U[-1,1], c_f) + L_\text{simple}(\text{replay}) + \lambda\sum_i F_i(\theta_i-\theta^*_i)^2$ |
+# | `esd` | concept | $\big\|\epsilon_\theta(x_t,c_f)-[\epsilon^*(x_t,\varnothing)-\eta(\epsilon^*(x_t,c_f)-\epsilon^*(x_t,\varnothing))]\big\|^2$ |
+# | `finetune` | $D_r$ | $L_\text{simple}(D_r)$ |
+# | `salun` | $D_f$ + $D_r$ | mask $m=\mathbb 1[|\nabla L_\text{simple}(D_f)|\ge q_{50\%}]$; $\|\epsilon_\theta(x_t,c_f)-\text{sg}\,\epsilon_\theta(x_t,c')\|^2+\alpha L_\text{simple}(D_r)$ |
+# | `erasediff` | $D_f$ + $D_r$ | $g = \nabla L_\text{simple}(D_r) + \lambda\nabla\|\epsilon_\theta(x^f_t,t)-u\|^2$, $\lambda=\max(\eta-\cos(g_r,g_f),0)$ |
+# | `siss` | $D_f$ + $D_r$ | importance-weighted $L_r - s\,L_f$ on one mixture $x_t$, forget gradient at a fixed norm |
+#
+# The function-space VDU term is frozen-teacher distillation on replay samples: the generative-replay
+# term of Selective Amnesia and the frozen-teacher target of ESD at $\eta=0$. What differs is the push:
+# gradient ascent on $D_f$ (VDU), a surrogate target (SA) or negative guidance (ESD).
+#
+# **The columns.** PUL $=(N_\text{before}-N_\text{after})/N_\text{before}$ counts evaluator labels of the
+# forgotten class among seed-bank samples before and after (same noise); the forget share is that class's
+# share after; u-FID is the domain FID of the samples against real retained-class test images (ratio to
+# the pretrained model's); the confident share counts samples the evaluator labels with $p\ge0.9$. Every
+# method shares one stop rule (stop when the forget loss on a fixed probe reaches a ratio of its
+# pretrained value) and one step budget; the strength knob of the Pareto plot is that ratio.
+#
+# **Relearning attack.** Fine-tune each unlearned model on 16 forget images for 50 steps and report the
+# forget share as a fraction of the pretrained model's (0: nothing came back, 1: all of it).
+
+# %% tags=["parameters"]
+profile = "smoke"          # "full" writes results/mnist/benchmark.json; anything else a git-ignored subfolder
+dataset = "mnist"
+models = {"uncond": "checkpoints/mnist/ddpm", "cond": "checkpoints/mnist/ddpm-cond"}   # name -> model folder
+evaluator_dir = None       # default checkpoints/<dataset>/evaluator
+n_forget = 256             # forget-class training images (D_f)
+n_retain = 512             # retained-class training images (D_r), for the methods that may use them
+n_reference = 500          # real retained-class test images for u-FID
+nll_images = 16            # forget / retain test images for the NLL bound (0: no NLL)
+nll_timesteps = 10
+n_samples = 32             # seed-bank samples per model (full: >= 500, so one sample is < 2 PUL points)
+sample_steps = 5           # DDIM steps of those samples
+seed = 0
+loop = dict(steps=2, batch_size=16, probe_every=1, stop_forget_ratio=1.3)   # shared by every method
+entries = {                # name -> method + its options + which models it runs on
+    "vdu": dict(method="vdu", stability="posterior", gamma=0.5, lr=1e-6, models=["uncond"]),
+    "vdu-function": dict(method="vdu", stability="function", gamma=0.8, lr=3e-5, replay_samples=8,
+                         replay_ddim_steps=2, models=["uncond", "cond"]),
+    "neggrad": dict(method="neggrad", lr=3e-5, models=["uncond", "cond"]),
+    "amnesia": dict(method="amnesia", lr=1e-4, replay_samples=8, replay_ddim_steps=2, fisher_samples=4,
+                    models=["cond"]),
+    "esd": dict(method="esd", lr=1e-5, sample_steps=4, models=["cond"]),
+    "finetune": dict(method="finetune", lr=1e-4, models=["uncond", "cond"]),
+    "salun": dict(method="salun", lr=3e-5, mask_batches=1, mask_batch_size=16, models=["uncond", "cond"]),
+    "erasediff": dict(method="erasediff", lr=3e-5, models=["uncond", "cond"]),
+    "siss": dict(method="siss", lr=5e-5, models=["uncond", "cond"]),
+}
+first_class = 1            # every entry runs this class first (the paper's MNIST example)
+subset = []                # ... then these (full: [8, 0])
+all_classes = []           # ... or all of these for forget-only entries that reach `target` on first_class
+target = dict(pul=95.0, u_fid_ratio=1.2)
+pareto = {"neggrad": [1.1, 1.3]}   # entry -> stop_forget_ratio values (the strength knob), on first_class / uncond
+relearn_images = 16
+relearn_steps = 2          # full: 50
+relearn_lr = 1e-4
+threads = 1
+
+# %% tags=[]
+import dataclasses
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+from vdu.cards import grid_array
+from vdu.data import class_split, load_dataset
+from vdu.evaluation import EvalConfig, evaluate
+from vdu.evaluator import load_evaluator
+from vdu.experiments import relearn, unlearn_and_measure
+from vdu.methods import get_method
+from vdu.models import load_model, null_class
+from vdu.notebook import check_params
+from vdu.results import REPO, machine, save_figure, write_results
+from vdu.unlearning import LoopConfig
+
+check_params(dict(n_forget=(n_forget, int, 1), n_retain=(n_retain, int, 0), n_reference=(n_reference, int, 1),
+                  nll_images=(nll_images, int, 0), n_samples=(n_samples, int, 1), sample_steps=(sample_steps, int, 1),
+                  relearn_images=(relearn_images, int, 1), relearn_steps=(relearn_steps, int, 0),
+                  threads=(threads, int, 1)))
+for name, e in entries.items():        # typos fail here, not after an hour: every option must exist
+    m = get_method(e["method"])
+    unknown = set(e) - {"method", "models"} - set(m.Config.__dataclass_fields__) - set(LoopConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"entry {name!r}: {sorted(unknown)} are options neither of method {e['method']!r} nor of "
+                         f"the loop (vdu.unlearning.LoopConfig)")
+    if set(e["models"]) - set(models):
+        raise ValueError(f"entry {name!r} names models {e['models']} but only {sorted(models)} are configured")
+torch.set_num_threads(threads)
+t_start = time.time()
+evaluator = load_evaluator(REPO / (evaluator_dir or f"checkpoints/{dataset}/evaluator"))
+train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
+evaluation = EvalConfig(n_samples, "ddim", sample_steps, seed, nll_timesteps if nll_images else 0)
+bases = {}
+for kind, folder in models.items():
+    path = Path(folder) if Path(folder).is_absolute() else REPO / folder
+    unet, sched = load_model(path)
+    post = path / "posterior.safetensors"
+    labels = None if null_class(unet) is None else torch.arange(n_samples) % null_class(unet)
+    t0 = time.time()
+    xs = evaluation.sample(unet, sched, class_labels=labels)       # the "before" samples, cached for every class
+    bases[kind] = dict(unet=unet, sched=sched, posterior=post if post.exists() else None, labels=labels, samples=xs,
+                       sample_s=round(time.time() - t0, 1))
+    print(f"{kind}: {folder}, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, "
+          f"{'conditional' if labels is not None else 'unconditional'}; {n_samples} samples in {bases[kind]['sample_s']} s")
+print(machine())
+
+# %% [markdown] tags=[]
+# ## One row = one `unlearn` call, then the same evaluation
+#
+# The pretrained model's samples do not depend on the forgotten class, so they are drawn once per model
+# above and scored per class here (`vdu.evaluation.measure`); every unlearned model is sampled from the
+# same seed bank. A conditional model is sampled with prompts $i \bmod 10$, so its forget share is the
+# share of the forgotten class over all prompts.
+
+# %% tags=[]
+splits, befores = {}, {}
+
+
+def class_data(kind, c):
+    if c not in splits:
+        splits[c] = class_split(train, test, c, n_forget, n_retain=n_retain, n_reference=n_reference,
+                                nll_images=nll_images, seed=seed)
+    if (kind, c) not in befores:
+        b = bases[kind]
+        befores[kind, c] = evaluate(b["unet"], b["sched"], evaluator, evaluation, splits[c], nll=bool(nll_images),
+                                    samples=b["samples"])[0]
+    return splits[c], befores[kind, c]
+
+
+def run(name, kind, c, **extra):
+    e = {k: v for k, v in entries[name].items() if k not in ("method", "models")}
+    b = bases[kind]
+    data, before = class_data(kind, c)
+    if "retain" not in get_method(entries[name]["method"]).needs:
+        data = dataclasses.replace(data, retain=None, retain_labels=None)   # forget-only methods never see D_r
+    row, m = unlearn_and_measure(b["unet"], b["sched"], evaluator, data, before, {**loop, **e, "seed": seed, **extra},
+                                 evaluation, b["posterior"], entries[name]["method"], nll=bool(nll_images),
+                                 name=name, return_model=True, class_labels=b["labels"])
+    needs = get_method(entries[name]["method"]).needs
+    row.update(model=kind, data="retain" if "retain" in needs else "forget-only")
+    if relearn_steps:
+        r = relearn(m, b["sched"], data.forget[:relearn_images], relearn_steps, relearn_lr, seed=seed,
+                    class_label=c if null_class(m) is not None else None)
+        after, _ = evaluate(r, b["sched"], evaluator, evaluation, data, nll=False, class_labels=b["labels"])
+        row["relearn_forget_share"] = after["forget_share"]
+        row["relearn_fraction"] = after["forget_share"] / max(before["forget_share"], 1e-9)
+    return row, m
+
+
+def show(r):
+    print(f"{r['model']:>6} {r['config']:>13} class {r['forget_class']}: PUL {r['pul']:6.1f}%  forget share "
+          f"{r['forget_share_before']:.3f} -> {r['forget_share_after']:.3f}  u-FID x{r['u_fid_ratio']:.2f}  confident "
+          f"{r['confident_share_before']:.2f} -> {r['confident_share_after']:.2f}  relearn "
+          f"{r.get('relearn_fraction', float('nan')):.2f}  ({r['steps']} steps, {r['stop']}, {r['unlearn_s']} s)")
+
+# %% tags=[]
+table, grids = [], {}
+for name, e in entries.items():
+    for kind in e["models"]:
+        row, m = run(name, kind, first_class)
+        table.append(row)
+        show(row)
+        grids[kind, name] = m
+        good = row["pul"] >= target["pul"] and row["u_fid_ratio"] <= target["u_fid_ratio"]
+        more = all_classes if (good and row["data"] == "forget-only") else subset
+        for c in [c for c in more if c != first_class]:
+            table.append(run(name, kind, c)[0])
+            show(table[-1])
+
+# %% [markdown] tags=[]
+# ## The table, split by data access
+#
+# Means over the classes each entry ran (the class count is in the last column); the per-class rows are in
+# the results file.
+
+# %% tags=[]
+summary = []
+for kind in models:
+    for access in ("forget-only", "retain"):
+        for name in entries:
+            rs = [r for r in table if r["model"] == kind and r["config"] == name and r["data"] == access]
+            if not rs:
+                continue
+            mean = lambda k: sum(r[k] for r in rs if r.get(k) is not None) / len(rs)  # noqa: E731
+            s = dict(model=kind, data=access, entry=name, method=entries[name]["method"], classes=len(rs),
+                     pul=mean("pul"), forget_share=mean("forget_share_after"), u_fid_ratio=mean("u_fid_ratio"),
+                     confident=mean("confident_share_after"), confident_before=mean("confident_share_before"),
+                     steps=mean("steps"), unlearn_s=mean("unlearn_s"),
+                     relearn=mean("relearn_fraction") if relearn_steps else None,
+                     at_target=sum(r["pul"] >= target["pul"] and r["u_fid_ratio"] <= target["u_fid_ratio"] for r in rs))
+            for k in ("forget_nll_after", "retain_nll_after"):
+                if all(k in r for r in rs):
+                    s[k] = mean(k)
+            summary.append(s)
+print(f"{'model':>6} {'data':>11} {'entry':>13} | {'PUL%':>6} {'forget':>6} {'u-FID x':>7} {'conf':>5} {'relearn':>7} "
+      f"{'steps':>5} {'s':>6} | at target / classes")
+for s in summary:
+    print(f"{s['model']:>6} {s['data']:>11} {s['entry']:>13} | {s['pul']:6.1f} {s['forget_share']:6.3f} "
+          f"{s['u_fid_ratio']:7.2f} {s['confident']:5.2f} {s['relearn'] if s['relearn'] is not None else float('nan'):7.2f} "
+          f"{s['steps']:5.0f} {s['unlearn_s']:6.1f} | {s['at_target']}/{s['classes']}")
+
+# %% [markdown] tags=[]
+# ## Strength: the Pareto picture
+#
+# Each method's strength knob here is the stop rule's forget-loss ratio (how far the forget loss may rise
+# before the run stops); one curve per method, u-FID ratio against PUL, on the first class and the
+# unconditional model. Up and to the left is better.
+
+# %% tags=[]
+pareto_rows = []
+for name, values in pareto.items():
+    kind = "uncond" if "uncond" in entries[name]["models"] else entries[name]["models"][0]
+    for v in values:
+        r, _ = run(name, kind, first_class, stop_forget_ratio=v)
+        pareto_rows.append({**r, "stop_forget_ratio": v})
+        show(r)
+if pareto_rows:
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name in pareto:
+        rs = sorted((r for r in pareto_rows if r["config"] == name), key=lambda r: r["stop_forget_ratio"])
+        ax.plot([r["u_fid_ratio"] for r in rs], [r["pul"] for r in rs], "o-", label=name)
+    ax.axhline(target["pul"], ls="--", c="k", lw=0.8); ax.axvline(target["u_fid_ratio"], ls="--", c="k", lw=0.8)
+    ax.set_xlabel("u-FID / pretrained"); ax.set_ylabel("PUL (%)"); ax.legend(fontsize=7)
+    ax.set_title(f"strength sweep (stop ratio), class {first_class}")
+    save_figure(fig, dataset, "benchmark-pareto", profile)
+
+# %% [markdown] tags=[]
+# ## What the samples look like
+#
+# The first 36 seed-bank samples of each unlearned model, forgetting the first class.
+
+# %% tags=[]
+for kind in models:
+    names = [n for (k, n) in grids if k == kind]
+    if not names:
+        continue
+    fig, ax = plt.subplots(1, len(names) + 1, figsize=(2.2 * (len(names) + 1), 2.6))
+    ax[0].imshow(grid_array(bases[kind]["samples"][:36], 6), cmap="gray"); ax[0].set_title("pretrained", fontsize=8)
+    for a, n in zip(ax[1:], names):
+        xs = evaluation.sample(grids[kind, n], bases[kind]["sched"], class_labels=bases[kind]["labels"])
+        a.imshow(grid_array(xs[:36], 6), cmap="gray"); a.set_title(n, fontsize=8)
+    for a in ax:
+        a.set_axis_off()
+    fig.suptitle(f"{kind}: forget class {first_class}", fontsize=9)
+    save_figure(fig, dataset, f"benchmark-samples-{kind}", profile)
+
+# %% tags=[]
+numbers = {"models": models, "entries": entries, "loop": loop, "target": target,
+           "evaluation": {"samples": n_samples, "sampler": f"DDIM {sample_steps}", "seed_bank": seed,
+                          "u_fid": f"domain FID (evaluator features) vs {n_reference} retained-class test images",
+                          "conditional_prompts": "i % 10"},
+           "data": {"n_forget": n_forget, "n_retain": n_retain, "dataset_file": str(train.name)},
+           "relearn": {"images": relearn_images, "steps": relearn_steps, "lr": relearn_lr},
+           "summary": summary, "rows": table, "pareto": pareto_rows,
+           "notebook_wall_s": round(time.time() - t_start, 1)}
+path = write_results(dataset, "benchmark", numbers, profile)
+print("wrote", path.relative_to(REPO))

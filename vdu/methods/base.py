@@ -1,0 +1,89 @@
+"""The method interface: what every unlearning method declares and provides to the loop.
+
+A method is a small class with
+
+- ``name`` and a ``Config`` dataclass (its own hyperparameters, a comment per field);
+- ``needs``: the data it uses, a subset of :data:`NEEDS` — the loop refuses to run it when any is missing;
+- ``loss(model, batch)`` returning ``{"loss": tensor, "forget_loss": tensor, ...terms to log}``, where
+  ``forget_loss`` is the batch-mean L_simple on the forget batch (detached; the divergence guard watches it);
+- optionally ``backward(out, params)`` (gradient surgery, e.g. a rescaled forget gradient) and
+  ``transform_grads(params)`` (e.g. a saliency mask), both called by the loop before clipping.
+
+The loop (``vdu.unlearning.unlearn``) owns everything else: batching, the optimiser, the stop rule, the
+divergence and collapse guards, probes, evaluation, logging and saving.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ..diffusion import noise_prediction_error
+
+# What a method can ask for:
+#   forget       D_f images (every method gets them; the loop's probe measures on them)
+#   retain       D_r images (data-access split of the benchmark: "needs retain data")
+#   replay       samples of the pretrained model, drawn once (data-free stand-in for D_r)
+#   teacher      a frozen copy of the pretrained model
+#   posterior    a weight posterior file (vdu.posterior)
+#   conditional  a class-conditional model and the forget class as its prompt
+NEEDS = ("forget", "retain", "replay", "teacher", "posterior", "conditional")
+
+
+@dataclass
+class Batch:
+    forget: torch.Tensor                      # forget images of this step
+    forget_labels: torch.Tensor | None        # what the model is conditioned on for them (concept or null class)
+    retain: torch.Tensor | None               # retain images of this step (methods that need retain)
+    retain_labels: torch.Tensor | None        # their class labels (conditional models) or the null class
+    generator: torch.Generator                # t, eps and any other draw of the step come from here
+    dataset_size: int                         # |D_f|
+
+
+class Method:
+    name: str = ""
+    Config: type = None
+    needs: tuple = ("forget",)
+    # config field that sets the method's strength to zero (the contract test: weights stay in place)
+    null_strength: dict = {}
+
+    def __init__(self, model, data, config, scheduler, null_class: int | None, posterior=None):
+        self.config, self.scheduler, self.null, self.data = config, scheduler, null_class, data
+        self.teacher = None
+        if "teacher" in self.needs:
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+
+    # -- what the loop calls
+    def loss(self, model, batch: Batch) -> dict:
+        raise NotImplementedError
+
+    def backward(self, out: dict, params: list) -> None:
+        out["loss"].backward()
+
+    def transform_grads(self, params: list) -> None:
+        pass
+
+    # -- helpers the methods share
+    def denoising(self, model, x, labels, generator, **kw):
+        """Per-image L_simple (mean over pixels) of ``x`` and the t used (vdu.diffusion)."""
+        sq, t = noise_prediction_error(model, self.scheduler, x, labels, generator, **kw)
+        return sq.mean(1), t
+
+    def replay(self, n: int, steps: int, seed: int, model=None, class_labels=None) -> torch.Tensor:
+        """``n`` seed-bank samples of the frozen pretrained model (drawn once per run)."""
+        from ..diffusion import sample
+        return sample(model if model is not None else self.teacher, self.scheduler, n, seed=seed, steps=steps,
+                      class_labels=class_labels, progress=False).cpu()
+
+
+def check_fraction(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_nonneg(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or not float(value) >= 0.0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return float(value)
