@@ -466,7 +466,18 @@ SLOW_WRITER = """
         time.sleep(600)
     safetensors.torch.save_file = slow
 """
+SLOW_EXCHANGE = """
+    import vdu.models
+    real_exchange = vdu.models._exchange
+    def slow_exchange(a, b):                         # the atomic swap is about to happen
+        print("writing", flush=True)
+        time.sleep(600)
+        return real_exchange(a, b)
+    vdu.models._exchange = slow_exchange
+"""
 SLOW_SWAP = """
+    import vdu.models
+    vdu.models._exchange = lambda a, b: False        # a system without renameat2: two renames
     real = os.replace
     def slow(src, dst):                              # the new folder is about to be renamed into place
         if str(dst) == {target!r}:
@@ -477,18 +488,19 @@ SLOW_SWAP = """
 """
 
 
-@pytest.mark.parametrize("case", ["new", "overwrite", "swap"])
+@pytest.mark.parametrize("case", ["new", "overwrite", "exchange", "swap"])
 def test_kill_9_during_save_model_never_leaves_a_half_written_folder(tmp_path, case):
     """new: killed while writing the weights of a first save -> no folder. overwrite: killed while writing
-    the replacement -> the old model, byte-identical. swap: killed between the two renames of an overwrite
-    (old folder moved aside, new one not yet in place) -> no folder at the target, both models complete
-    beside it (the one window save_model cannot close without an atomic directory exchange)."""
+    the replacement -> the old model, byte-identical. exchange: killed just before the atomic swap -> the
+    old model, byte-identical. swap (systems without renameat2): killed between the two renames of an
+    overwrite -> no folder at the target, both models complete beside it, and load_model says where the
+    old one is."""
     target = tmp_path / "m"
     before = None
     if case != "new":
         save_model(tiny_unet(seed=0), SCHED, target, card={"a": 1})
         before = _tree(target)
-    patch = (SLOW_SWAP.format(target=str(target)) if case == "swap" else SLOW_WRITER)
+    patch = {"swap": SLOW_SWAP.format(target=str(target)), "exchange": SLOW_EXCHANGE}.get(case, SLOW_WRITER)
     proc = _spawn(textwrap.dedent(patch) + textwrap.dedent(f"""
         from conftest import tiny_unet
         from vdu.models import build_scheduler, save_model
@@ -499,11 +511,13 @@ def test_kill_9_during_save_model_never_leaves_a_half_written_folder(tmp_path, c
     _kill_when(proc, "writing")
     if case == "new":
         assert not target.exists()
-    elif case == "overwrite":
+    elif case in ("overwrite", "exchange"):
         assert _tree(target) == before                                  # untouched, loadable
         load_model(target)
     else:
         assert not target.exists()
+        with pytest.raises(FileNotFoundError, match="interrupted overwrite left the previous model"):
+            load_model(target)
         old = [p for p in tmp_path.iterdir() if p.name.startswith("m.old-")]
         new = [p for p in tmp_path.iterdir() if p.name.startswith(".m.tmp-")]
         assert len(old) == 1 and _tree(old[0]) == before                 # the old model, complete, beside it

@@ -227,3 +227,15 @@ def test_smoke_collapse_is_caught_not_counted(mnist_setup, evaluator):
     assert last["confident_share"] < 0.25 and last["u_fid"] > 2 * first["u_fid"]
     # what is returned is the model of the last healthy evaluation, not the collapsed one
     assert log.steps_done < log.evals[-1]["step"]
+
+
+def test_bounded_plasticity_fixes_the_forget_gradient_norm(tiny):
+    """plasticity_norm: A's gradient is rescaled to that norm every step, so with gamma = 0 the step's
+    gradient norm is exactly the chosen value whatever the loss scale."""
+    unet, sched, x = tiny
+    for norm in (0.5, 2.0):
+        out = unlearn(unet, x, "vdu", sched, posterior=_post(unet), gamma=0.0, plasticity_norm=norm, steps=2,
+                      grad_clip=None, **FAST)
+        assert [s["grad_norm"] for s in out.unlearn_log.steps] == pytest.approx([norm, norm], rel=1e-4)
+    with pytest.raises(ValueError, match="plasticity_norm"):
+        unlearn(unet, x, "vdu", sched, posterior=_post(unet), plasticity_norm=0.0, **FAST)

@@ -113,6 +113,10 @@ def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "cpu"
         if not (local / (sub or "") / "config.json").exists():
             raise FileNotFoundError(f"{local} holds no diffusers UNet (expected unet/config.json or config.json)")
     else:
+        aside = sorted(local.parent.glob(f"{local.name}.old-*")) if local.parent.exists() else []
+        if aside:
+            raise FileNotFoundError(f"model folder {src!r} does not exist, but an interrupted overwrite left the "
+                                    f"previous model at {aside[-1]}: rename it back to {local.name}")
         if src.startswith((".", "/", "~")) or src.count("/") != 1:
             raise FileNotFoundError(f"model folder {src!r} does not exist")
         sub = "unet"
@@ -204,6 +208,22 @@ def _free_sibling(folder: Path, tag: str) -> Path:
     return cand
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
 def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | os.PathLike,
                dtype: torch.dtype | None = torch.float16, overwrite: bool = False, **extra_json) -> Path:
     """Atomically save a pipeline folder (``unet/``, ``scheduler/``, ``model_index.json``).
@@ -213,8 +233,9 @@ def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | os.Pat
 
     ``folder`` must be new, empty, or (with ``overwrite=True``) an existing model folder; see
     :func:`check_save_target`, which runs first. The model is written completely into a fresh sibling
-    temporary folder, then swapped in: the old folder is renamed aside, the new one renamed into place,
-    and only then is the old one deleted. Overwriting replaces the *whole* folder, so files that
+    temporary folder, then swapped in with one atomic exchange of the two folders where the system
+    offers it (Linux ``renameat2``), else the old folder is renamed aside, the new one renamed into
+    place, and only then is the old one deleted. Overwriting replaces the *whole* folder, so files that
     described the old weights (card.json, samples.png, posterior.safetensors, ...) do not survive beside
     the new ones. A save that fails leaves an existing folder untouched and removes only its own
     temporary folder.
@@ -239,6 +260,9 @@ def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | os.Pat
             os.replace(tmp, folder)
             return folder
         check_save_target(folder, overwrite)  # the folder may have changed while we were writing
+        if _exchange(tmp, folder):            # one atomic swap: the path always holds a complete model
+            shutil.rmtree(tmp, ignore_errors=True)
+            return folder
         old = _free_sibling(folder, "old")
         os.replace(folder, old)
     except BaseException:
