@@ -20,7 +20,7 @@ class _Fixed(torch.nn.Module):
         return lab, torch.ones(len(x))
 
     def features(self, x):
-        return torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3))], 1)
+        return torch.stack([x.mean((1, 2, 3)), x.mean((1, 2, 3)) ** 2], 1)
 
     def parameters(self, recurse=True):
         return iter([torch.zeros(1)])
@@ -71,3 +71,51 @@ def test_check_params_names_every_bad_parameter():
         check_params(dict(n_forget=("abc", int, 1), steps=(-1, int, 0)))
     with pytest.raises(ValueError, match="flag=True must be int"):
         check_params(dict(flag=(True, int, 0)))
+
+
+def _class_images(labels, g):
+    """Images whose _Fixed label is ``labels`` (brightness bucket), with a little within-bucket jitter."""
+    lv = (labels.float() + 0.2 + 0.6 * torch.rand(len(labels), generator=g)) / 10 * 2 - 1
+    return lv.view(-1, 1, 1, 1).expand(-1, 1, 28, 28).contiguous()
+
+
+def test_intervals_cover_known_shares_and_pul():
+    """A synthetic classifier and known class shares: the forget-class share is 0.1 and each forget-class
+    sample survives unlearning with probability 0.1 (true PUL 90%). Over 120 independent sample sets of
+    400, the 95% intervals cover the truth in about 95% of them (binomial range 88-100%)."""
+    ev, g = _Fixed(), torch.Generator().manual_seed(0)
+    data = UnlearnData(_imgs([0.0]), forget_class=3)
+    cover_share = cover_pul = 0
+    trials = 120
+    for i in range(trials):
+        before_lab = torch.where(torch.rand(400, generator=g) < 0.1, 3, (torch.randint(0, 9, (400,), generator=g) + 4) % 10)
+        after_lab = torch.where((before_lab == 3) & (torch.rand(400, generator=g) > 0.1), 5, before_lab)
+        before = measure(ev, _class_images(before_lab, g), data, bootstrap=400, seed=i)
+        after = measure(ev, _class_images(after_lab, g), data, before=before, bootstrap=400, seed=i)
+        assert torch.equal(before["labels"], before_lab)
+        lo, hi = before["forget_share_ci"]
+        cover_share += lo <= 0.1 <= hi
+        lo, hi = after["pul_ci"]
+        cover_pul += lo <= 90.0 <= hi
+    assert 0.88 * trials <= cover_share <= trials and 0.86 * trials <= cover_pul <= trials, (cover_share, cover_pul)
+
+
+def test_frechet_distance_matches_torchmetrics_fid():
+    from vdu.evaluation import fid_interval, frechet_distance
+    from vdu.metrics import domain_fid
+    ev, g = _Fixed(), torch.Generator().manual_seed(1)
+    fake = _class_images(torch.randint(0, 10, (300,), generator=g), g)
+    real = _class_images(torch.randint(2, 8, (300,), generator=g), g)
+    ours = frechet_distance(ev.features(fake), ev.features(real))
+    assert ours == pytest.approx(domain_fid(ev, fake, real), rel=1e-3)
+    lo, hi = fid_interval(ev, fake, real, n_boot=50)
+    assert lo < hi and lo <= ours * 1.2 and hi >= ours * 0.8
+
+
+def test_samples_needed_resolves_99_from_95():
+    from vdu.evaluation import samples_needed
+    n = samples_needed(0.1)
+    assert 1000 < n < 1300                                              # ~115 forget-class samples
+    assert samples_needed(0.05) == pytest.approx(2 * n, rel=0.01)       # half the share, twice the samples
+    with pytest.raises(ValueError, match="other < pul"):
+        samples_needed(0.1, pul=95, other=99)

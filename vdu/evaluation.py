@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .diffusion import SAMPLERS, nll_bits_per_dim, sample
-from .metrics import class_histogram, domain_fid, pul
+from .metrics import CONFIDENT, class_histogram, domain_fid, pul
 from .models import null_class
 
 
@@ -22,13 +22,16 @@ class EvalConfig:
     steps: int = 20             # sampler steps
     seed: int = 0               # the seed bank (the same for the original and every unlearned model)
     nll_timesteps: int = 10     # stratified t-terms of the NLL bound (0: no NLL)
+    bootstrap: int = 1000       # resamples of the 95% intervals of PUL and the shares (0: no intervals)
+    fid_bootstrap: int = 100    # resamples of the u-FID interval (each one a 128-d Frechet distance)
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.n_samples < 1 or self.steps < 1 or self.nll_timesteps < 0:
-            raise ValueError(f"need n_samples >= 1, steps >= 1, nll_timesteps >= 0 (got {self.n_samples}, "
-                             f"{self.steps}, {self.nll_timesteps})")
+        if self.n_samples < 1 or self.steps < 1 or self.nll_timesteps < 0 or self.bootstrap < 0 \
+                or self.fid_bootstrap < 0:
+            raise ValueError(f"need n_samples >= 1, steps >= 1, nll_timesteps >= 0, bootstrap >= 0 (got "
+                             f"{self.n_samples}, {self.steps}, {self.nll_timesteps}, {self.bootstrap})")
 
     def sample(self, model, scheduler, class_labels=None, progress: bool = False) -> torch.Tensor:
         """``n_samples`` samples of ``model`` from this config's seed bank."""
@@ -50,7 +53,7 @@ def evaluate(model, scheduler, evaluator, config: EvalConfig | None = None, data
     cfg = config if config is not None else EvalConfig()
     x = samples if samples is not None else cfg.sample(model, scheduler, class_labels, progress)
     out = {"n_samples": len(x), "sampler": cfg.sampler, "ddim_steps": cfg.steps, "seed_bank": cfg.seed,
-           **measure(evaluator, x, data, before)}
+           **measure(evaluator, x, data, before, cfg.bootstrap, cfg.fid_bootstrap, cfg.seed)}
     if nll and cfg.nll_timesteps > 0 and data is not None:
         null = null_class(model)            # conditional models: the unconditional (null-class) likelihood
         for key, imgs in (("forget_nll", data.nll_forget), ("retain_nll", data.nll_retain)):
@@ -61,23 +64,92 @@ def evaluate(model, scheduler, evaluator, config: EvalConfig | None = None, data
     return out, x
 
 
-def measure(evaluator, x: torch.Tensor, data=None, before: dict | None = None) -> dict:
+def measure(evaluator, x: torch.Tensor, data=None, before: dict | None = None, bootstrap: int = 0,
+            fid_bootstrap: int = 0, seed: int = 0) -> dict:
     """The sample metrics of :func:`evaluate` on given samples ``x``: confident share and class counts; with
     ``data.forget_class`` the forget share (and PUL against ``before["labels"]``); with ``data.reference``
-    u-FID. Non-finite samples raise (they cannot be scored)."""
+    u-FID. Non-finite samples raise (they cannot be scored).
+
+    With ``bootstrap`` > 0 every number also gets a 95% percentile interval (``<name>_ci``): the shares
+    by resampling the samples; PUL by a *paired* bootstrap (the same resampled seed-bank indices before
+    and after, since both sample sets come from the same noise); u-FID by resampling the samples'
+    evaluator features against the fixed reference (``fid_bootstrap`` resamples)."""
     if not torch.isfinite(x).all():
         raise FloatingPointError("non-finite samples cannot be scored: the model has diverged")
     h = class_histogram(evaluator, x)
     out = {"confident_share": h["confident_share"], "counts": h["counts"], "labels": h["labels"]}
     c = getattr(data, "forget_class", None)
+    g = torch.Generator().manual_seed(seed + 99991)
+    idx = torch.randint(0, len(x), (bootstrap, len(x)), generator=g) if bootstrap else None
+    if idx is not None:
+        out["confident_share_ci"] = _percentiles((h["confidence"] >= CONFIDENT).float()[idx].mean(1))
     if c is not None:
         out["forget_share"] = h["shares"][c]
+        if idx is not None:
+            out["forget_share_ci"] = _percentiles((h["labels"] == c).float()[idx].mean(1))
         if before is not None:
             try:
                 out["pul"] = pul(before["labels"], h["labels"], c)
             except ValueError:
                 out["pul"] = float("nan")
+            if idx is not None and len(before["labels"]) == len(x):
+                n0 = (before["labels"] == c).float()[idx].sum(1)
+                n1 = (h["labels"] == c).float()[idx].sum(1)
+                ok = n0 > 0
+                out["pul_ci"] = _percentiles(((n0 - n1) / n0.clamp_min(1) * 100)[ok]) if ok.any() else None
     if getattr(data, "reference", None) is not None:
         out["u_fid"] = domain_fid(evaluator, x, data.reference)
         out["u_fid_reference"] = len(data.reference)
+        if fid_bootstrap:
+            out["u_fid_ci"] = fid_interval(evaluator, x, data.reference, fid_bootstrap, seed)
+    if bootstrap:
+        out["n_bootstrap"] = bootstrap
     return out
+
+
+def _percentiles(v: torch.Tensor, level: float = 0.95) -> list[float]:
+    q = torch.quantile(v.double(), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return [round(float(q[0]), 6), round(float(q[1]), 6)]
+
+
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (rows = samples): the formula of FID,
+    ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2})``, in float64 (scipy's sqrtm)."""
+    import numpy as np
+    from scipy import linalg
+    a, b = f1.double().numpy(), f2.double().numpy()
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2)
+    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def fid_interval(evaluator, fake: torch.Tensor, real: torch.Tensor, n_boot: int = 100, seed: int = 0,
+                 level: float = 0.95) -> list[float]:
+    """Percentile interval of the domain FID over bootstrap resamples of ``fake`` (``real`` fixed)."""
+    with torch.no_grad():
+        ff = torch.cat([evaluator.features(fake[i:i + 500]).cpu() for i in range(0, len(fake), 500)])
+        fr = torch.cat([evaluator.features(real[i:i + 500]).cpu() for i in range(0, len(real), 500)])
+    g = torch.Generator().manual_seed(seed + 7)
+    vals = torch.tensor([frechet_distance(ff[torch.randint(0, len(ff), (len(ff),), generator=g)], fr)
+                         for _ in range(n_boot)])
+    return _percentiles(vals, level)
+
+
+def samples_needed(forget_share: float, pul: float = 99.0, other: float = 95.0, level: float = 0.95) -> int:
+    """Seed-bank samples per model for a measured PUL of ``pul`` % to exclude ``other`` %: the smallest n whose
+    Wilson interval for the surviving fraction (1 - PUL) of the ``forget_share * n`` forget-class samples
+    stays below 1 - other / 100. The pretrained model's forget share sets the denominator."""
+    import math
+    if not 0 < forget_share <= 1 or not other < pul <= 100:
+        raise ValueError(f"need 0 < forget_share <= 1 and other < pul <= 100 (got {forget_share}, {pul}, {other})")
+    z = {0.9: 1.6449, 0.95: 1.96, 0.99: 2.5758}.get(level)
+    if z is None:
+        raise ValueError(f"level must be 0.9, 0.95 or 0.99, got {level}")
+    p, bound = 1 - pul / 100, 1 - other / 100
+    for n0 in range(1, 1_000_000):
+        upper = (p + z * z / (2 * n0) + z * math.sqrt(p * (1 - p) / n0 + z * z / (4 * n0 * n0))) / (1 + z * z / n0)
+        if upper < bound:
+            return math.ceil(n0 / forget_share)
+    raise ValueError("no sample count up to 1e6 resolves these targets")

@@ -33,11 +33,13 @@ def unlearn_and_measure(unet, scheduler, evaluator, data: UnlearnData, before: d
     log = m.unlearn_log
     row = {"config": name, "method": method, "forget_class": data.forget_class, "n_forget": len(data.forget),
            "n_retain": 0 if data.retain is None else len(data.retain), "steps": log.steps_done,
-           "stop": log.stop_reason, "unlearn_s": round(secs, 1), "pul": after.get("pul"),
-           "u_fid_ratio": after["u_fid"] / before["u_fid"]}
+           "stop": log.stop_reason, "unlearn_s": round(secs, 1), "pul": after.get("pul"), "pul_ci": after.get("pul_ci"),
+           "u_fid_ratio": after["u_fid"] / before["u_fid"], "n_samples": after["n_samples"]}
     for k in ("forget_share", "confident_share", "u_fid", "forget_nll", "retain_nll"):
         if k in after and k in before:
             row[f"{k}_before"], row[f"{k}_after"] = before[k], after[k]
+            if f"{k}_ci" in after:
+                row[f"{k}_before_ci"], row[f"{k}_after_ci"] = before.get(f"{k}_ci"), after[f"{k}_ci"]
     return (row, m) if return_model else row
 
 

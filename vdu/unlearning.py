@@ -116,7 +116,8 @@ class LoopConfig:
         return self
 
     def monitor(self) -> EvalConfig:
-        return EvalConfig(n_samples=self.eval_samples, steps=self.eval_ddim_steps, seed=self.eval_seed, nll_timesteps=0)
+        return EvalConfig(n_samples=self.eval_samples, steps=self.eval_ddim_steps, seed=self.eval_seed, nll_timesteps=0,
+                          bootstrap=0, fid_bootstrap=0)
 
 
 @dataclass
