@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	@# KaTeX (npm registry) for the test that renders every notebook formula; skipped where npm is absent
+	if command -v npm >/dev/null; then npm install --no-save --silent --no-audit --no-fund --prefix $(VENV)/node katex@0.16; \
+	else echo "npm not found: tests/test_notebook_math.py will be skipped"; fi
 	touch $@
 
 test: unit nbval
