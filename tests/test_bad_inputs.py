@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, tiny_unet
+from conftest import REPO, TINY, tiny_train_config, tiny_unet
 from vdu.data import ImageData, UnlearnData, load_dataset
 from vdu.diffusion import nll_bits_per_dim, sample
 from vdu.evaluation import EvalConfig
@@ -325,15 +325,8 @@ def test_cli_flag_is_a_usage_error(argv, pattern, capsys, tmp_path, monkeypatch)
 
 # ---- resuming pretraining ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def small_data():
-    return load_dataset("mnist", "test").take(256, seed=0)
-
-
 def _cfg(out, **kw):
-    base = dict(steps=6, batch_size=16, lr=1e-3, warmup=2, checkpoint_every=2, log_every=2, k_snapshots=3,
-                snapshot_every=1, out=str(out), model_overrides=TINY)
-    return TrainConfig(**{**base, **kw})
+    return tiny_train_config(out, **kw)
 
 
 @pytest.fixture(scope="module")

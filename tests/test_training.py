@@ -4,21 +4,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, tiny_unet
-from vdu.data import load_dataset
+from conftest import tiny_train_config, tiny_unet
 from vdu.posterior import gaussian_from_checkpoints, load_posterior, make_posterior
-from vdu.training import TrainConfig, pretrain, snapshot_files
-
-
-@pytest.fixture(scope="module")
-def small_data():
-    return load_dataset("mnist", "test").take(256, seed=0)
+from vdu.training import pretrain, snapshot_files
 
 
 def _cfg(out, **kw):
-    base = dict(steps=6, batch_size=16, lr=1e-3, warmup=2, checkpoint_every=2, log_every=2, k_snapshots=3,
-                snapshot_every=1, out=str(out), model_overrides=TINY)
-    return TrainConfig(**{**base, **kw})
+    return tiny_train_config(out, **kw)
 
 
 def test_interrupted_run_resumes_to_identical_weights(tmp_path, small_data):
