@@ -62,10 +62,14 @@ from vdu.cards import evaluate, grid_array
 from vdu.data import load_dataset
 from vdu.evaluator import load_evaluator, train_evaluator
 from vdu.models import load_model
+from vdu.notebook import check_params
 from vdu.posterior import load_posterior
 from vdu.results import REPO, machine, save_figure, write_results
 from vdu.training import TrainConfig, pretrain
 
+check_params(dict(demo_steps=(demo_steps, int, 0), demo_images=(demo_images, int, 1), n_samples=(n_samples, int, 1),
+                  ddim_steps=(ddim_steps, int, 1), nll_images=(nll_images, int, 1),
+                  nll_timesteps=(nll_timesteps, int, 1), seed=(seed, int, 0)))
 torch.manual_seed(seed)
 ckpt = REPO / "checkpoints" / dataset
 print(machine())

@@ -139,6 +139,7 @@ from vdu.evaluator import load_evaluator
 from vdu.evaluation import EvalConfig, evaluate
 from vdu.experiments import scale_table, trajectory, unlearn_and_measure
 from vdu.models import load_model
+from vdu.notebook import check_options, check_params
 from vdu.posterior import load_posterior, make_posterior
 from vdu.results import REPO, machine, save_figure, write_results
 from vdu.unlearning import LoopConfig, unlearn
@@ -156,6 +157,13 @@ unet, sched = load_model(model_path)
 evaluator = load_evaluator(REPO / evaluator_dir)
 posterior = load_posterior(model_path / "posterior.safetensors", unet)
 configs = {name: {**common, **c, "seed": seed} for name, c in configs.items()}
+check_options(configs, "vdu")          # a typo in an option fails here, not after an hour
+check_params(dict(n_forget=(n_forget, int, 1), n_samples=(n_samples, int, 1), ddim_steps=(ddim_steps, int, 1),
+                  n_reference=(n_reference, int, 1), nll_images=(nll_images, int, 1),
+                  nll_timesteps=(nll_timesteps, int, 1), trajectory_steps=(trajectory_steps, int, 0),
+                  trajectory_every=(trajectory_every, int, 1), ablation_steps=(ablation_steps, int, 0),
+                  continuation_steps=(continuation_steps, int, 1), forget_class=(forget_class, int, 0),
+                  threads=(threads, int, 1)))
 evaluation = EvalConfig(n_samples, "ddim", ddim_steps, seed, nll_timesteps)
 print(machine())
 print(f"model: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters; posterior K={posterior['k']} "

@@ -239,3 +239,20 @@ def test_bounded_plasticity_fixes_the_forget_gradient_norm(tiny):
         assert [s["grad_norm"] for s in out.unlearn_log.steps] == pytest.approx([norm, norm], rel=1e-4)
     with pytest.raises(ValueError, match="plasticity_norm"):
         unlearn(unet, x, "vdu", sched, posterior=_post(unet), plasticity_norm=0.0, **FAST)
+
+
+def test_the_last_step_is_checked_too(tiny):
+    """Four SGD steps of NegGrad at a huge rate blow the forget loss up on the last step; with no probe in
+    between, the run must still say 'diverged' and return the weights before that step, not 'max_steps'."""
+    unet, sched, x = tiny
+    with pytest.warns(RuntimeWarning, match="after the last step"):
+        out = unlearn(unet, x, "neggrad", sched, optimizer="sgd", lr=1e3, grad_clip=None, steps=1, **FAST)
+    assert out.unlearn_log.stop_reason == "diverged" and out.unlearn_log.steps_done == 0
+    assert torch.equal(_weights(out), _weights(unet))
+
+
+def test_notebook_configs_are_checked_before_any_work():
+    from vdu.notebook import check_options
+    check_options({"a": dict(gamma=0.5, lr=1e-5, stop_forget_ratio=1.3)}, "vdu")
+    with pytest.raises(ValueError, match="config 'b'.*unknown unlearn option 'gama'"):
+        check_options({"a": dict(gamma=0.5), "b": dict(gama=0.5)}, "vdu")

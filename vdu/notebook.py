@@ -15,3 +15,14 @@ def check_params(spec: dict) -> None:
             bad.append(f"{name}={value!r} must be >= {low}")
     if bad:
         raise ValueError("bad notebook parameters: " + "; ".join(bad) + " (papermill -p NAME VALUE)")
+
+
+def check_options(configs: dict, method: str) -> None:
+    """Every named config of ``configs`` (name -> unlearn options) must consist of options of the loop or of
+    ``method``: a typo fails in the first cell, naming the config and the option."""
+    from .unlearning import split_options
+    for name, options in configs.items():
+        try:
+            split_options(method, options)
+        except TypeError as e:
+            raise ValueError(f"config {name!r}: {e}") from None
