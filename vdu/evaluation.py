@@ -112,17 +112,22 @@ def _percentiles(v: torch.Tensor, level: float = 0.95) -> list[float]:
     return [round(float(q[0]), 6), round(float(q[1]), 6)]
 
 
-def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+def _psd_sqrt(s: torch.Tensor) -> torch.Tensor:
+    w, v = torch.linalg.eigh(s)
+    return (v * w.clamp_min(0).sqrt()) @ v.T
+
+
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor, sqrt2: torch.Tensor | None = None) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (rows = samples): the formula of FID,
-    ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2})``, in float64 (scipy's sqrtm)."""
-    import numpy as np
-    from scipy import linalg
-    a, b = f1.double().numpy(), f2.double().numpy()
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2)
-    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S2^1/2 S1 S2^1/2)^1/2)``, in float64. The trace of the
+    matrix square root comes from the eigenvalues of the symmetric ``S2^1/2 S1 S2^1/2`` (same spectrum
+    as ``S1 S2``), which stays fast and stable when a covariance is singular (fewer samples than
+    features), where a general matrix square root can take minutes. ``sqrt2``: ``S2^1/2``, precomputed."""
+    a, b = f1.double(), f2.double()
+    s1, s2 = torch.cov(a.T), torch.cov(b.T)
+    r = _psd_sqrt(s2) if sqrt2 is None else sqrt2
+    ev = torch.linalg.eigvalsh(r @ s1 @ r).clamp_min(0)
+    return float((a.mean(0) - b.mean(0)).pow(2).sum() + s1.trace() + s2.trace() - 2 * ev.sqrt().sum())
 
 
 def fid_interval(evaluator, fake: torch.Tensor, real: torch.Tensor, n_boot: int = 100, seed: int = 0,
@@ -131,8 +136,9 @@ def fid_interval(evaluator, fake: torch.Tensor, real: torch.Tensor, n_boot: int 
     with torch.no_grad():
         ff = torch.cat([evaluator.features(fake[i:i + 500]).cpu() for i in range(0, len(fake), 500)])
         fr = torch.cat([evaluator.features(real[i:i + 500]).cpu() for i in range(0, len(real), 500)])
+    r = _psd_sqrt(torch.cov(fr.double().T))
     g = torch.Generator().manual_seed(seed + 7)
-    vals = torch.tensor([frechet_distance(ff[torch.randint(0, len(ff), (len(ff),), generator=g)], fr)
+    vals = torch.tensor([frechet_distance(ff[torch.randint(0, len(ff), (len(ff),), generator=g)], fr, r)
                          for _ in range(n_boot)])
     return _percentiles(vals, level)
 
