@@ -41,7 +41,7 @@ def test_posterior_matches_the_model_and_is_centred_near_it():
 
 
 def test_cards_record_how_the_models_were_made():
-    for name in ("ddpm", "ddpm-cond"):
+    for name in ("ddpm", "ddpm-cond", "ddpm-continued"):
         card = json.loads((CKPT / name / "card.json").read_text())
         assert card["command"].startswith("python -m vdu pretrain") and card["train_steps"] > 0
         assert card["train_wall_s"] > 0 and "quality_bar" in card["metrics"]
