@@ -517,3 +517,29 @@ def test_kill_9_during_save_model_never_leaves_a_half_written_folder(tmp_path, c
         assert len(new) == 1 and load_model(new[0])                      # and the new one, complete
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "m"]
     assert all(n.startswith((".m.tmp-", "m.old-")) for n in leftovers), leftovers
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_papermill_run_leaves_no_half_written_model(tmp_path):
+    """The pretrain notebook (smoke profile, a longer demonstration run) killed with SIGKILL, kernel and all,
+    while it trains and exports: its run folder holds either no model or a complete, loadable one, and its
+    checkpoint resumes; the results file of an earlier run is still whole JSON."""
+    demo = REPO / "runs" / "notebooks" / "mnist-demo"
+    shutil.rmtree(demo, ignore_errors=True)                 # no state.pt of an earlier run
+    out = tmp_path / "out.ipynb"
+    proc = subprocess.Popen([sys.executable, "-m", "papermill", "pretrain.ipynb", str(out), "-p", "demo_steps", "400",
+                             "-p", "demo_images", "256"], cwd=REPO / "notebooks", start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    end = time.time() + 240
+    while not (demo / "state.pt").exists():                  # the demonstration run has started
+        assert proc.poll() is None, "papermill exited before the demonstration run started"
+        assert time.time() < end, "the demonstration run did not start within 240 s"
+        time.sleep(0.5)
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGKILL)                     # papermill and its kernel
+    proc.wait()
+    assert not (demo / "model").exists() or (holds_model(demo / "model") and load_model(demo / "model"))
+    assert torch.load(demo / "state.pt", weights_only=False)["step"] > 0
+    for f in (REPO / "results" / "mnist" / "smoke").glob("*.json"):
+        json.loads(f.read_text())
