@@ -256,3 +256,40 @@ def test_notebook_configs_are_checked_before_any_work():
     check_options({"a": dict(gamma=0.5, lr=1e-5, stop_forget_ratio=1.3)}, "vdu")
     with pytest.raises(ValueError, match="config 'b'.*unknown unlearn option 'gama'"):
         check_options({"a": dict(gamma=0.5), "b": dict(gama=0.5)}, "vdu")
+
+
+def test_divergence_restores_and_reports_the_last_sane_step(tiny):
+    """Steps are counted as the weights are: after a divergence at the k-th loss, the weights returned are those
+    after k - 2 steps (the last ones whose loss was seen sane), and steps_done says so."""
+    unet, sched, x = tiny
+    seen = {}
+
+    def spy(step, model, log):
+        seen[step] = _weights(model).clone()
+    with pytest.warns(RuntimeWarning, match="divergence guard"):
+        out = unlearn(unet, x, "neggrad", sched, steps=50, lr=1e6, grad_clip=None, callback=spy, **FAST)
+    log = out.unlearn_log
+    assert log.stop_reason == "diverged"
+    k = log.steps_done
+    assert torch.equal(_weights(out), seen[k] if k else _weights(unet))
+    assert f"weights of step {k}" in log.events[0]
+
+
+def test_non_finite_monitoring_samples_count_as_divergence(tiny, evaluator, monkeypatch):
+    """When the monitoring's samples are non-finite (the sampler refuses them, they are never scored as
+    'forgetting'), the run stops as diverged with the weights of the last evaluation that passed."""
+    import vdu.unlearning
+    unet, sched, x = tiny
+    real, calls = vdu.unlearning.evaluate, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:                          # the evaluation after step 2
+            raise FloatingPointError("the model produced non-finite samples")
+        return real(*a, **k)
+    monkeypatch.setattr(vdu.unlearning, "evaluate", flaky)
+    with pytest.warns(RuntimeWarning, match="monitoring at step 2"):
+        out = unlearn(unet, UnlearnData(x, forget_class=1), "neggrad", sched, evaluator=evaluator, eval_every=1,
+                      eval_samples=4, eval_ddim_steps=2, steps=6, lr=1e-5, **FAST)
+    log = out.unlearn_log
+    assert log.stop_reason == "diverged" and log.steps_done == 1 and [e["step"] for e in log.evals] == [0, 1]

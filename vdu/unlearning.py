@@ -352,7 +352,8 @@ def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None,
             if not torch.isfinite(gn):
                 bad = f"non-finite gradient norm at step {step + 1}"
         if bad is not None:
-            diverged(bad, good, log.steps_done)
+            # ``good`` holds the weights before the last kept step: its loss was the last one seen sane
+            diverged(bad, good, max(log.steps_done - 1, 0))
             break
         with torch.no_grad():
             for p, g in zip(params, good):
