@@ -16,7 +16,6 @@ import time
 from functools import cache
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file

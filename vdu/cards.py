@@ -36,7 +36,7 @@ def grid_array(images: torch.Tensor, nrow: int | None = None):
 
 
 def quality_bar(hist: dict, confident_min: float = 0.9, share_range=(0.05, 0.15)) -> dict:
-    """The foundation issue's bar: >= 90% confident samples and every class within 5-15%."""
+    """The base models' quality bar: >= 90% confident samples and every class within 5-15%."""
     lo, hi = share_range
     ok_conf = hist["confident_share"] >= confident_min
     ok_share = all(lo <= s <= hi for s in hist["shares"])

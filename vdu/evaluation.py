@@ -6,7 +6,7 @@ images are given, the forget / retain NLL bound in bits/dim.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 

@@ -70,11 +70,6 @@ class Method:
         sq, t = noise_prediction_error(model, self.scheduler, x, labels, generator, **kw)
         return sq.mean(1), t
 
-    def replay(self, n: int, steps: int, seed: int, model=None, class_labels=None) -> torch.Tensor:
-        """``n`` seed-bank samples of the frozen pretrained model (drawn once per run)."""
-        from ..diffusion import sample
-        return sample(model if model is not None else self.teacher, self.scheduler, n, seed=seed, steps=steps,
-                      class_labels=class_labels, progress=False).cpu()
 
 
 def check_fraction(name: str, value: float) -> float:

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 
 from ..diffusion import forward_noise, noise_prediction_error, timestep_weights
-from .base import Method, check_fraction
+from .base import Method
 
 NORMALIZATIONS = ("mean", "sum")
 CENTERS = ("mean", "deployed")
