@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .diffusion import SAMPLERS, nll_bits_per_dim, sample
+from .diffusion import SAMPLERS, forward_noise, nll_bits_per_dim, sample
 from .metrics import CONFIDENT, class_histogram, domain_fid, pul
 from .models import null_class
 
@@ -159,3 +159,51 @@ def samples_needed(forget_share: float, pul: float = 99.0, other: float = 95.0, 
         if upper < bound:
             return math.ceil(n0 / forget_share)
     raise ValueError("no sample count up to 1e6 resolves these targets")
+
+
+def evaluate_prompts(model, scheduler, evaluator, config: EvalConfig | None = None, reference=None,
+                     erased=(), teacher=None, kl_images=None, progress: bool = False) -> dict:
+    """Concept unlearning on a class-conditional model: every prompt k is sampled (``config.n_samples``
+    per prompt, seed bank ``config.seed``) and its samples are labelled by the evaluator.
+
+    Per prompt: ``label_accuracy`` (share labelled k, with a 95% bootstrap interval), the confident share
+    and, with ``reference`` (an :class:`vdu.data.ImageData` of real labelled images), ``fid``: the domain
+    FID of its samples against the real images of class k. For the prompts in ``erased`` the label
+    accuracy is the *forget rate* (what is left of the concept). With ``teacher`` (the pretrained model)
+    and ``kl_images`` (labelled real images), ``kl``: the pathwise deviation
+    ``E_t ||eps_theta(x_t, k) - eps_q(x_t, k)||^2`` (C_t = 1, per pixel) on noised real images of class k,
+    the cost side of concept unlearning. ``summary`` averages the retained prompts."""
+    cfg = config if config is not None else EvalConfig()
+    null = null_class(model)
+    if null is None:
+        raise ValueError("evaluate_prompts needs a class-conditional model (one with a null class)")
+    erased = {int(k) for k in erased}
+    prompts = []
+    for k in range(null):
+        lab = torch.full((cfg.n_samples,), k, dtype=torch.long)
+        x = cfg.sample(model, scheduler, lab, progress)
+        m = measure(evaluator, x, None, None, cfg.bootstrap, 0, cfg.seed)
+        hit = (m["labels"] == k).float()
+        rec = {"prompt": k, "erased": k in erased, "n_samples": len(x), "label_accuracy": float(hit.mean()),
+               "confident_share": m["confident_share"]}
+        if cfg.bootstrap:
+            g = torch.Generator().manual_seed(cfg.seed + 99991 + k)
+            rec["label_accuracy_ci"] = _percentiles(hit[torch.randint(0, len(x), (cfg.bootstrap, len(x)), generator=g)].mean(1))
+        if reference is not None:
+            real = reference.images[reference.labels == k]
+            rec["fid"] = domain_fid(evaluator, x, real)
+        if teacher is not None and kl_images is not None:
+            imgs = kl_images.images[kl_images.labels == k]
+            g = torch.Generator().manual_seed(cfg.seed + 31 * k)
+            with torch.no_grad():
+                xt, t, _ = forward_noise(scheduler, imgs, g)
+                c = torch.full((len(imgs),), k)
+                rec["kl"] = float((model(xt, t, class_labels=c).sample.float()
+                                   - teacher(xt, t, class_labels=c).sample.float()).pow(2).mean())
+        prompts.append(rec)
+    kept = [p for p in prompts if not p["erased"]]
+    summary = {k: float(sum(p[k] for p in kept) / len(kept)) for k in ("label_accuracy", "fid", "kl", "confident_share")
+               if kept and k in kept[0]}
+    summary.update({f"forget_rate_{p['prompt']}": p["label_accuracy"] for p in prompts if p["erased"]})
+    return {"sampler": cfg.sampler, "steps": cfg.steps, "seed_bank": cfg.seed, "n_per_prompt": cfg.n_samples,
+            "prompts": prompts, "summary": summary}

@@ -125,6 +125,68 @@ class PDResult:
         return lam[-max(1, int(round(last * len(lam)))):].mean(0)
 
 
+class DualAscent:
+    """Projected dual ascent on the multipliers, shared by :func:`primal_dual` and the constrained
+    unlearning methods (``vdu.methods.ru``, VDU's likelihood constraint).
+
+    ``observe(violations)`` after every primal step; ``step(step)`` every primal step: on every
+    ``every``-th call it sets ``lam <- proj_D(lam + eta * mean(observed violations))`` (or uses
+    ``violations=`` if given), logs ``{"step", "lam", "objective", "violations"}`` in ``history`` and
+    raises :class:`InfeasibleConstraint` when a multiplier has sat at an upper face of the domain with
+    its constraint violated by more than ``tol`` for ``patience`` consecutive dual steps. Returns the
+    log record on a dual step, else None."""
+
+    def __init__(self, domain: DualDomain, lr=0.1, every: int = 1, lam0=None, patience: int = 20,
+                 tol: float = 0.0):
+        if every < 1 or patience < 1:
+            raise ValueError(f"dual every and patience must be >= 1, got {every}, {patience}")
+        self.domain, self.every, self.patience, self.tol = domain, int(every), int(patience), float(tol)
+        m = domain.m
+        self.lam = domain.check(np.zeros(m) if lam0 is None else lam0).copy()
+        self.eta = np.broadcast_to(np.asarray(lr, dtype=float), (m,)).copy()
+        if (self.eta < 0).any() or not np.isfinite(self.eta).all():
+            raise ValueError(f"dual learning rates must be finite and >= 0, got {lr}")
+        self.history: list = []
+        self._window, self._objective = [], []
+        self._stuck = np.zeros(m, int)
+
+    def observe(self, violations, objective=None) -> None:
+        v = np.asarray(torch.as_tensor(violations).detach().cpu().double().reshape(-1).numpy()
+                       if torch.is_tensor(violations) else violations, dtype=float).reshape(-1)
+        if v.shape != (self.domain.m,):
+            raise ValueError(f"got {v.shape[0]} violations for {self.domain.m} multipliers")
+        self._window.append(v)
+        if objective is not None:
+            self._objective.append(float(objective))
+
+    def step(self, step: int, violations=None, objective=None) -> dict | None:
+        if step % self.every:
+            return None
+        if violations is None:
+            if not self._window:
+                raise ValueError("no violations to update the multipliers: observe() them or pass violations=")
+            viol = np.mean(self._window, 0)
+            obj = float(np.mean(self._objective)) if self._objective else float("nan")
+        else:
+            viol = np.asarray(violations, dtype=float).reshape(-1)
+            obj = float("nan") if objective is None else float(objective)
+        if viol.shape != (self.domain.m,):
+            raise ValueError(f"expected {self.domain.m} violations, got {viol.shape}")
+        self._window, self._objective = [], []
+        self.lam, pinned = self.domain.project(self.lam + self.eta * viol)
+        rec = {"step": step, "lam": self.lam.tolist(), "objective": obj, "violations": viol.tolist()}
+        self.history.append(rec)
+        self._stuck = np.where(pinned & (viol > self.tol), self._stuck + 1, 0)
+        if (self._stuck >= self.patience).any():
+            i = int(np.argmax(self._stuck))
+            raise InfeasibleConstraint(
+                f"constraint {i} stayed violated (g = {viol[i]:.4g} > tol = {self.tol:g}) for {self._stuck[i]} dual "
+                f"steps with lambda_{i} = {self.lam[i]:.4g} pinned at the boundary of the "
+                f"{self.domain.kind.upper()} dual domain: the threshold is infeasible (or its optimum is not "
+                "attained) — loosen it", index=i, lam=self.lam.copy(), violation=viol.copy())
+        return rec
+
+
 def primal_dual(params, lagrangian_fn: Callable, domain: DualDomain, *, steps: int, dual_every: int = 1,
                 dual_lr=0.1, lam0=None, lr: float = 1e-3, weight_decay: float = 0.0, optimizer=None,
                 evaluate: Callable | None = None, patience: int = 20, tol: float = 0.0, seed: int = 0,
@@ -145,12 +207,11 @@ def primal_dual(params, lagrangian_fn: Callable, domain: DualDomain, *, steps: i
     params = [p for p in params]
     opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     m = domain.m
-    lam = domain.check(np.zeros(m) if lam0 is None else lam0)
-    eta = np.broadcast_to(np.asarray(dual_lr, dtype=float), (m,))
-    res = PDResult(lam=lam.copy())
-    window, stuck = [], np.zeros(m, int)
+    dual = DualAscent(domain, dual_lr, dual_every, lam0, patience, tol)
+    res = PDResult(lam=dual.lam.copy(), dual_history=dual.history)
     bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, mininterval=1.0)
     for step in bar:
+        lam = dual.lam
         out = lagrangian_fn(lam.copy())
         if "loss" in out:
             loss = out["loss"]
@@ -167,31 +228,21 @@ def primal_dual(params, lagrangian_fn: Callable, domain: DualDomain, *, steps: i
             if v.shape != (m,):
                 raise ValueError(f"lagrangian_fn returned {v.shape[0]} violations for {m} multipliers")
             rec["violations"] = v.tolist()
-            window.append(v)
+            dual.observe(v, rec.get("objective", np.nan))
         res.history.append(rec)
         if step % dual_every:
             continue
-        if evaluate is not None:
-            ev = evaluate(step)
-            viol = np.asarray(ev["violations"], dtype=float).reshape(-1)
-            obj = float(ev.get("objective", np.nan))
-        elif window:
-            viol, obj = np.mean(window, 0), float(np.mean([r.get("objective", np.nan) for r in res.history[-dual_every:]]))
-        else:
-            raise ValueError("no violations to update the multipliers: return them from lagrangian_fn or pass evaluate")
-        if viol.shape != (m,):
-            raise ValueError(f"expected {m} violations, got {viol.shape}")
-        window = []
-        lam, pinned = domain.project(lam + eta * viol)
-        res.dual_history.append({"step": step, "lam": lam.tolist(), "objective": obj, "violations": viol.tolist()})
-        res.lam = lam.copy()
-        stuck = np.where(pinned & (viol > tol), stuck + 1, 0)
-        bar.set_postfix(lam=np.array2string(lam, precision=3), viol=np.array2string(viol, precision=3))
-        if (stuck >= patience).any():
-            i = int(np.argmax(stuck))
-            raise InfeasibleConstraint(
-                f"constraint {i} stayed violated (g = {viol[i]:.4g} > tol = {tol:g}) for {stuck[i]} dual steps "
-                f"with lambda_{i} = {lam[i]:.4g} pinned at the boundary of the {domain.kind.upper()} dual domain: "
-                "the threshold is infeasible (or its optimum is not attained) — loosen it", index=i,
-                lam=lam.copy(), violation=viol.copy(), result=res)
+        ev = evaluate(step) if evaluate is not None else None
+        try:
+            if ev is not None:
+                dual.step(step, ev["violations"], ev.get("objective", np.nan))
+            else:
+                dual.step(step)
+        except InfeasibleConstraint as e:
+            res.lam = dual.lam.copy()
+            e.result = res
+            raise
+        res.lam = dual.lam.copy()
+        bar.set_postfix(lam=np.array2string(res.lam, precision=3),
+                        viol=np.array2string(np.asarray(dual.history[-1]["violations"]), precision=3))
     return res

@@ -51,6 +51,7 @@ from .diffusion import nll_bits_per_dim, noise_prediction_error
 from .evaluation import EvalConfig, evaluate
 from .methods import REGISTRY, Batch, get_method
 from .models import build_scheduler, check_images, check_save_target, null_class, save_model
+from .primal_dual import InfeasibleConstraint
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -129,8 +130,9 @@ class UnlearnLog:
     steps: list = field(default_factory=list)      # {"step", "loss", <method terms>, "forget_loss", "grad_norm"}
     probes: list = field(default_factory=list)     # {"step", "forget_loss"[, "forget_nll"]}
     evals: list = field(default_factory=list)      # {"step", "forget_share", "pul", "confident_share", ...}
+    duals: list = field(default_factory=list)      # constrained methods: {"step", "lam", "violations", ...} per dual step
     events: list = field(default_factory=list)     # human-readable notes (divergence, stop, restore)
-    stop_reason: str = "max_steps"                 # max_steps | stop_rule | diverged | collapse | callback
+    stop_reason: str = "max_steps"                 # max_steps | stop_rule | diverged | collapse | infeasible | callback
     steps_done: int = 0                            # optimiser steps whose result was kept
     wall_s: float = 0.0
 
@@ -140,7 +142,8 @@ class UnlearnLog:
         return {"method": self.method, "stop_reason": self.stop_reason, "steps_done": self.steps_done,
                 "wall_s": round(self.wall_s, 2), "forget_loss_start": first.get("forget_loss"),
                 "forget_loss_end": last.get("forget_loss"), "forget_nll_start": first.get("forget_nll"),
-                "forget_nll_end": last.get("forget_nll"), "events": self.events, "config": self.config}
+                "forget_nll_end": last.get("forget_nll"), "events": self.events, "config": self.config,
+                **({"lam_end": self.duals[-1]["lam"]} if self.duals else {})}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -335,7 +338,7 @@ def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None,
         out = m.loss(unet, batch)
         loss = out["loss"]
         terms = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()
-                 if k not in ("loss", "forget_loss")}
+                 if k not in ("loss", "forget_loss") and not k.startswith("_")}
         fl = float(out["forget_loss"])
         init_forget = fl if init_forget is None else init_forget
         bad = None
@@ -364,6 +367,18 @@ def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None,
         log.steps.append({"step": step, "loss": loss.item(), **terms, "forget_loss": fl, "grad_norm": gn.item()})
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4g}", forget=f"{fl:.4g}")
+        try:
+            dual = m.after_step(unet, step, out)
+        except InfeasibleConstraint as e:
+            msg = f"infeasible constraint at step {step}: {e}"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            log.events.append(msg)
+            log.duals.append({"step": step, "lam": e.lam.tolist(), "violations": e.violation.tolist(),
+                              "infeasible": int(e.index)})
+            log.stop_reason = "infeasible"
+            break
+        if dual is not None:
+            log.duals.append(dual)
         if cfg.probe_every and (step % cfg.probe_every == 0 or step == cfg.steps):
             rec = do_probe(step)
             if not math.isfinite(rec["forget_loss"]) or rec["forget_loss"] > cfg.explode_ratio * p0["forget_loss"]:

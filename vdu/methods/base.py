@@ -7,7 +7,12 @@ A method is a small class with
 - ``loss(model, batch)`` returning ``{"loss": tensor, "forget_loss": tensor, ...terms to log}``, where
   ``forget_loss`` is the batch-mean L_simple on the forget batch (detached; the divergence guard watches it);
 - optionally ``backward(out, params)`` (gradient surgery, e.g. a rescaled forget gradient) and
-  ``transform_grads(params)`` (e.g. a saliency mask), both called by the loop before clipping.
+  ``transform_grads(params)`` (e.g. a saliency mask), both called by the loop before clipping;
+- optionally ``after_step(model, step, out)``, called after each optimiser step: constrained methods
+  (methods.md §2) update their multipliers there (``vdu.primal_dual.DualAscent``) and return the dual
+  record the loop logs; raising ``vdu.primal_dual.InfeasibleConstraint`` stops the run as infeasible.
+  Keys of ``out`` starting with ``_`` are private to the method (e.g. per-constraint violations) and
+  are not logged as terms.
 
 The loop (``vdu.unlearning.unlearn``) owns everything else: batching, the optimiser, the stop rule, the
 divergence and collapse guards, probes, evaluation, logging and saving.
@@ -63,6 +68,9 @@ class Method:
 
     def transform_grads(self, params: list) -> None:
         pass
+
+    def after_step(self, model, step: int, out: dict) -> dict | None:
+        return None
 
     # -- helpers the methods share
     def denoising(self, model, x, labels, generator, **kw):

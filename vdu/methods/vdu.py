@@ -41,6 +41,14 @@ it holds the model where the parameter-space B does not.
 **Bounded plasticity** (``plasticity_norm``): A's gradient rescaled to a fixed L2 norm every step (as
 SISS does for its negative term), so the push away from D_f cannot run away as A grows without bound.
 
+**Dual-tuned gamma** (``forget_ratio``, beyond the paper): gamma is hand-tuned per model and class, and
+the stop rule's ratio by hand too. Posed as a likelihood-constrained problem (methods.md §2, LU, on the
+forget data's own likelihood bound): ``min B  s.t.  E_{D_f} l_theta >= forget_ratio * E_{D_f} l_theta*``,
+whose Lagrangian ``B + lambda (b - E l_theta)`` is, up to a constant and the overall scale,
+``gamma B + (1 - gamma) A`` with ``gamma = 1 / (1 + lambda)``. The multiplier is found by projected dual
+ascent on the measured violation ``forget_ratio - l_batch / l_0`` (``l_0``: the pretrained forget loss on a
+fixed probe), so the run settles on the constraint's boundary instead of needing a stop rule.
+
 **Relation to known methods.** With ``stability="function"`` the stability term is frozen-teacher
 noise-prediction distillation on replay samples of the pretrained model: the generative-replay term of
 Selective Amnesia and the frozen-teacher target of ESD (with guidance 0), here paired with gradient
@@ -53,6 +61,7 @@ from dataclasses import dataclass
 import torch
 
 from ..diffusion import forward_noise, noise_prediction_error, timestep_weights
+from ..primal_dual import DualAscent, DualDomain
 from .base import Method
 
 NORMALIZATIONS = ("mean", "sum")
@@ -224,6 +233,12 @@ class VDUConfig:
     var_floor: float = 1e-8           # floor of sigma*^2 in B
     precondition: bool = False        # scale each gradient by sigma*_i^2 / mean(sigma*^2): mobile where the posterior is wide
     plasticity_norm: float | None = None  # rescale A's gradient to this L2 norm every step (bounded plasticity; None: off)
+    forget_ratio: float | None = None  # likelihood constraint: forget L_simple >= ratio x pretrained; gamma is then
+                                       #    set by a multiplier (dual ascent) each dual step, starting from gamma (None: off)
+    dual_lr: float = 1.0              # forget_ratio: step of the dual ascent on lambda (gamma = 1 / (1 + lambda)), per unit of ratio
+    dual_every: int = 5               # forget_ratio: primal steps per dual step (the constraint is averaged over them)
+    gamma_min: float = 0.01           # forget_ratio: smallest gamma the dual may reach; pinned there while violated = infeasible
+    dual_patience: int = 20           # forget_ratio: dual steps at gamma_min with the constraint violated before "infeasible"
 
 
 def _resolve_posterior(posterior, model):
@@ -270,6 +285,23 @@ class VDU(Method):
             self.reg = FunctionSpaceRegularizer(model, scheduler, c.replay_samples, c.replay_ddim_steps,
                                                 c.replay_seed, null_class)
         self.weights = timestep_weights(scheduler, c.weighting, c.normalization)
+        self.dual = None
+        if c.forget_ratio is not None:
+            if not (isinstance(c.forget_ratio, (int, float)) and 0 < c.forget_ratio < float("inf")):
+                raise ValueError(f"forget_ratio must be a finite number > 0 or None, got {c.forget_ratio!r}")
+            if not 0 < c.gamma_min <= c.gamma <= 1 or c.gamma_min >= 1:
+                raise ValueError(f"need 0 < gamma_min <= gamma <= 1 and gamma_min < 1, got gamma_min {c.gamma_min!r}, "
+                                 f"gamma {c.gamma!r}")
+            if not (isinstance(c.dual_lr, (int, float)) and c.dual_lr >= 0):
+                raise ValueError(f"dual_lr must be >= 0, got {c.dual_lr!r}")
+            for k in ("dual_every", "dual_patience"):
+                v = getattr(c, k)
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ValueError(f"{k} must be an integer >= 1, got {v!r}")
+            cap = (1 - c.gamma_min) / c.gamma_min
+            self.dual = DualAscent(DualDomain("lu", 1, cap=[cap]), c.dual_lr, c.dual_every, [(1 - c.gamma) / c.gamma],
+                                   c.dual_patience)
+            self.l0 = self._forget_probe(model, data.forget, null_class, data.forget_class)
         self.precond = None
         if c.precondition:
             if not isinstance(self.reg, StabilityRegularizer):
@@ -278,10 +310,42 @@ class VDU(Method):
             mean_var = sum(v.sum() for v in var) / sum(v.numel() for v in var)
             self.precond = [v / mean_var for v in var]         # relative mobility: mean 1, so lr keeps its meaning
 
+    @torch.no_grad()
+    def _forget_probe(self, model, x, null, concept, n: int = 256, seed: int = 7919) -> float:
+        """Pretrained forget L_simple on up to ``n`` forget images, fixed stratified t and eps."""
+        g = torch.Generator().manual_seed(seed)
+        x = x[torch.randperm(len(x), generator=g)[:n]]
+        T = self.scheduler.config.num_train_timesteps
+        t = ((torch.arange(len(x)) + torch.rand(len(x), generator=g)) * T / len(x)).long().clamp_max(T - 1)
+        eps = torch.randn(x.shape, generator=g)
+        dev = next(model.parameters()).device
+        lab = None if null is None else torch.full((len(x),), null if concept is None else concept, device=dev)
+        was = model.training
+        model.eval()
+        sq, _ = noise_prediction_error(model, self.scheduler, x.to(dev), lab, t=t.to(dev), eps=eps.to(dev))
+        model.train(was)
+        return float(sq.mean())
+
+    def current_gamma(self) -> float:
+        return self.config.gamma if self.dual is None else float(1.0 / (1.0 + self.dual.lam[0]))
+
     def loss(self, model, batch):
-        return vdu_loss(model, self.scheduler, batch.forget, self.reg, self.config.gamma, self.config.weighting,
-                        dataset_size=batch.dataset_size, generator=batch.generator, labels=batch.forget_labels,
-                        weights=self.weights)
+        out = vdu_loss(model, self.scheduler, batch.forget, self.reg, self.current_gamma(), self.config.weighting,
+                       dataset_size=batch.dataset_size, generator=batch.generator, labels=batch.forget_labels,
+                       weights=self.weights)
+        if self.dual is not None:
+            out["gamma"] = self.current_gamma()
+            out["_violations"] = self.config.forget_ratio - out["forget_loss"].detach() / self.l0
+        return out
+
+    def after_step(self, model, step, out):
+        if self.dual is None:
+            return None
+        self.dual.observe(out["_violations"].reshape(1))
+        rec = self.dual.step(step)
+        if rec is not None:
+            rec["gamma"] = self.current_gamma()
+        return rec
 
     def backward(self, out, params):
         if self.config.plasticity_norm is None:
@@ -289,7 +353,7 @@ class VDU(Method):
         gA = torch.autograd.grad(out["A"], params, retain_graph=True, allow_unused=True)
         norm = torch.sqrt(sum((g.float() ** 2).sum() for g in gA if g is not None))
         scale = (self.config.plasticity_norm / norm.clamp_min(1e-12)).detach()
-        g = self.config.gamma
+        g = self.current_gamma()
         (g * out["B"] + (1 - g) * scale * out["A"]).backward()
 
     def transform_grads(self, params):

@@ -1,0 +1,148 @@
+"""Constrained unlearning in the engine (methods.md §2): the dual ascent, RU on a class-conditional
+UNet, and VDU's likelihood-constrained gamma — multipliers move the right way, reach the closed form
+where it is known, and an unreachable threshold stops the run as infeasible instead of looping."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_unet
+from test_methods import LOOP, SMALL, _data
+from vdu.models import build_scheduler
+from vdu.primal_dual import DualAscent, DualDomain, InfeasibleConstraint
+from vdu.unlearning import unlearn
+
+
+def test_dual_ascent_averages_the_window_and_projects():
+    d = DualAscent(DualDomain("ru", 1, margin=0.1), lr=0.5, every=2)
+    d.observe([0.2])
+    assert d.step(1) is None                       # not a dual step
+    d.observe([0.6])
+    rec = d.step(2)
+    assert rec["violations"] == pytest.approx([0.4]) and d.lam == pytest.approx([0.2])
+    d.observe([10.0]), d.observe([10.0])
+    d.step(4)
+    assert d.lam == pytest.approx([0.9])           # projected onto lambda <= 1 - margin
+    d.observe([-10.0]), d.observe([-10.0])
+    d.step(6)
+    assert d.lam == pytest.approx([0.0])           # and onto lambda >= 0
+
+
+def test_dual_ascent_reports_a_runaway_multiplier():
+    d = DualAscent(DualDomain("lu", 1, cap=[1.0]), lr=1.0, patience=3)
+    with pytest.raises(InfeasibleConstraint, match="pinned") as e:
+        for s in range(1, 10):
+            d.observe([5.0])
+            d.step(s)
+    assert s == 3 and e.value.lam == pytest.approx([1.0])   # at the cap from the first step: three pinned steps
+
+
+def test_dual_ascent_rejects_bad_settings():
+    with pytest.raises(ValueError, match=">= 1"):
+        DualAscent(DualDomain("lu", 1), every=0)
+    with pytest.raises(ValueError, match="learning rates"):
+        DualAscent(DualDomain("lu", 1), lr=-1.0)
+    d = DualAscent(DualDomain("lu", 2))
+    with pytest.raises(ValueError, match="2 multipliers"):
+        d.observe([1.0])
+    with pytest.raises(ValueError, match="no violations"):
+        d.step(1)
+
+
+def test_ru_multiplier_rises_while_the_prompt_is_too_close_to_the_concept():
+    """kl_min > 1: at alpha = 0 the target is the unconditional branch, whose KL is ~D0 < kl_min D0,
+    so the constraint is violated and lambda (the guidance alpha) must grow."""
+    unet, sched = tiny_unet(conditional=True), build_scheduler()
+    out = unlearn(unet, _data(), "ru", sched, **{**LOOP, "steps": 6}, kl_min=4.0, lam0=0.0, dual_every=2, dual_lr=0.1,
+                  sample_steps=2)
+    duals = out.unlearn_log.duals
+    assert [d["step"] for d in duals] == [2, 4, 6]
+    lam = [d["lam"][0] for d in duals]
+    assert all(b > a for a, b in zip([0.0] + lam, lam)), lam
+    assert all(v > 0 for d in duals for v in d["violations"])
+    assert all(d["violations"][0] == pytest.approx(4.0 - d["kl"][0]) for d in duals)
+    assert duals[-1]["alpha"][0] == pytest.approx(lam[-1] / (1 - lam[-1]))
+
+
+def test_ru_starts_at_the_closed_form_guidance():
+    """Without lam0 the multiplier starts where a perfectly fitted model meets the threshold:
+    (1 + alpha)^2 = kl_min, i.e. ESD's eta = 1 for kl_min = 4."""
+    unet, sched = tiny_unet(conditional=True), build_scheduler()
+    out = unlearn(unet, _data(), "ru", sched, **{**LOOP, "steps": 1}, kl_min=4.0, dual_lr=0.0, sample_steps=2)
+    assert out.unlearn_log.steps[0]["alpha_1"] == pytest.approx(1.0)
+
+
+def test_ru_erases_two_prompts_with_one_multiplier_each():
+    unet, sched = tiny_unet(conditional=True), build_scheduler()
+    out = unlearn(unet, _data(), "ru", sched, **{**LOOP, "steps": 2}, concepts=(1, 3), dual_every=1,
+                  sample_steps=2)
+    d = out.unlearn_log.duals[-1]
+    assert d["concepts"] == [1, 3] and len(d["lam"]) == 2 and len(d["violations"]) == 2
+    assert {"alpha_1", "alpha_3"} <= set(out.unlearn_log.steps[-1]) and len(d["kl"]) == 2
+
+
+def test_ru_unreachable_threshold_stops_as_infeasible():
+    unet, sched = tiny_unet(conditional=True), build_scheduler()
+    with pytest.warns(RuntimeWarning, match="infeasible"):
+        out = unlearn(unet, _data(), "ru", sched, **{**LOOP, "steps": 200, "lr": 1e-4, "probe_every": 0},
+                      kl_min=1e6, alpha_max=0.5, dual_lr=10.0, dual_every=1, patience=3, sample_steps=2)
+    log = out.unlearn_log
+    assert log.stop_reason == "infeasible" and log.steps_done < 10
+    assert log.duals[-1]["lam"][0] == pytest.approx(0.5 / 1.5)
+    assert "concept 1" in log.events[-1]
+
+
+@pytest.mark.parametrize("bad", [dict(concepts=(1, 1)), dict(concepts=(12,)), dict(alpha_max=0.0),
+                                 dict(lam0=0.99), dict(dual_every=0), dict(kl_min=-1.0)])
+def test_ru_refuses_bad_settings(bad):
+    unet, sched = tiny_unet(conditional=True), build_scheduler()
+    with pytest.raises(ValueError):
+        unlearn(unet, _data(), "ru", sched, **{**LOOP, "steps": 1}, sample_steps=2, **bad)
+
+
+def test_ru_alpha_zero_matches_esd_eta_zero():
+    """At lambda = 0 RU's primal step is ESD's with eta = 0 (same x_t, same target): same weights."""
+    sched = build_scheduler()
+    kw = {**LOOP, "steps": 1, "probe_every": 0}
+    a = unlearn(tiny_unet(conditional=True), _data(), "esd", sched, **kw, eta=0.0, sample_steps=2)
+    b = unlearn(tiny_unet(conditional=True), _data(), "ru", sched, **kw, lam0=0.0, dual_lr=0.0, sample_steps=2)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_vdu_dual_gamma_falls_while_the_forget_loss_is_below_its_target():
+    """forget_ratio 2: the pretrained forget loss is ~1x its target's half, the constraint is violated,
+    so the multiplier grows and gamma = 1 / (1 + lambda) falls below its start."""
+    unet, sched = tiny_unet(), build_scheduler()
+    out = unlearn(unet, _data(), "vdu", sched, **{**LOOP, "steps": 4}, **SMALL["vdu"], gamma=0.8, forget_ratio=2.0,
+                  dual_every=2, dual_lr=0.5)
+    duals = out.unlearn_log.duals
+    assert [d["step"] for d in duals] == [2, 4]
+    g = [d["gamma"] for d in duals]
+    assert 0.8 > g[0] > g[1], g
+    assert out.unlearn_log.steps[0]["gamma"] == pytest.approx(0.8)
+
+
+def test_vdu_dual_gamma_rises_once_the_constraint_holds():
+    """forget_ratio 0.5 is met at the start: lambda falls to 0 and gamma to 1 (pure stability)."""
+    unet, sched = tiny_unet(), build_scheduler()
+    out = unlearn(unet, _data(), "vdu", sched, **{**LOOP, "steps": 4}, **SMALL["vdu"], gamma=0.5, forget_ratio=0.5,
+                  dual_every=1, dual_lr=2.0)
+    assert out.unlearn_log.duals[-1]["gamma"] == pytest.approx(1.0)
+
+
+def test_vdu_dual_unreachable_forget_ratio_is_infeasible():
+    unet, sched = tiny_unet(), build_scheduler()
+    with pytest.warns(RuntimeWarning, match="infeasible"):
+        out = unlearn(unet, _data(), "vdu", sched, **{**LOOP, "steps": 100, "lr": 1e-6, "probe_every": 0},
+                      **SMALL["vdu"], forget_ratio=1e4, gamma_min=0.5, dual_every=1, dual_patience=3)
+    assert out.unlearn_log.stop_reason == "infeasible"
+    assert np.isclose(out.unlearn_log.duals[-1]["lam"][0], 1.0)
+
+
+@pytest.mark.parametrize("bad", [dict(forget_ratio=0.0), dict(forget_ratio=float("inf")), dict(gamma_min=0.0),
+                                 dict(gamma_min=0.9), dict(dual_every=0), dict(dual_lr=-1.0)])
+def test_vdu_dual_refuses_bad_settings(bad):
+    unet, sched = tiny_unet(), build_scheduler()
+    with pytest.raises(ValueError):
+        unlearn(unet, _data(), "vdu", sched, **{**LOOP, "steps": 1}, **SMALL["vdu"],
+                **{"forget_ratio": 1.5, **bad})
