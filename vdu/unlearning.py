@@ -27,6 +27,10 @@ range is narrow, a collapsed model can look like forgetting):
   ``explode_ratio`` times its initial value, stops the run, restores the last weights whose loss was
   finite and sane, warns, and records the event. The result of the last step is checked too (one
   probe after the loop), and non-finite monitoring samples count as divergence.
+- **Constrained methods** (methods.md §2: ``ru``, ``vdu`` with ``forget_ratio``) update their
+  multipliers after each step (``Method.after_step``); the loop logs them in ``log.duals`` and stops
+  the run as ``infeasible`` when a multiplier has run to the edge of its domain with the constraint
+  still violated (``vdu.primal_dual.InfeasibleConstraint``).
 - **Quality monitoring** (optional, needs an evaluator and a forget class): every ``eval_every``
   steps, samples from a fixed seed bank give the forget-class share, PUL and the confident share
   (``vdu.evaluation``); with ``collapse_confident_min`` the run stops and restores the previous
