@@ -50,7 +50,7 @@
 # $\lambda\leftarrow\mathrm{proj}_{[0,\,\lambda_{\max}]}\big(\lambda+\eta_\lambda(b-\widehat{\mathrm{KL}})\big)$.
 #
 # **Estimating the constraint.** The reverse KL between two diffusion models is estimated pathwise on the
-# model's own samples (methods.md §2), here with $C_t=1$:
+# model's own samples (docs/mathematics.md §2), here with $C_t=1$:
 # $K(\theta)=\mathbb E_{x_t\sim p_\theta}\|\epsilon_\theta(x_t,c)-\epsilon_q(x_t,c)\|^2$, with $x_t$ from
 # partial DDIM sampling under the prompt with the model being trained (ESD's $x_t$). We measure it in
 # units of the *concept gap* $D_0=\mathbb E\|\epsilon_q(x_t,c)-\epsilon_q(x_t,\varnothing)\|^2$ on the same
@@ -77,7 +77,7 @@
 #
 # VDU minimises $\gamma B+(1-\gamma)A$ with $A=-L_\text{simple}(D_f)$, and $\gamma$ and the stop ratio are
 # tuned per model and class. Posed as a constrained problem on the forget data's own likelihood bound
-# (the LU direction of methods.md §2, on $D_f$):
+# (the LU direction of docs/mathematics.md §2, on $D_f$):
 #
 # $$\min_\theta B(\theta)\quad\text{s.t.}\quad L_\text{simple}(D_f;\theta)\ge \rho\,L_\text{simple}(D_f;\theta^*),$$
 #

@@ -18,7 +18,7 @@
 # %% [markdown]
 # # Strong-duality unlearning targets on Gaussian mixtures
 #
-# This notebook derives the three constrained unlearning problems of `../shared/docs/methods.md` §2
+# This notebook derives the three constrained unlearning problems of `docs/mathematics.md` §2
 # (Khalafi, Ribeiro & Ding, ICML 2026) — **RU** (reverse-KL constraints, for concepts), **FU**
 # (forward-KL constraints, for data) and **LU** (likelihood constraints) — and then checks every
 # claim on 2-D Gaussian mixtures, where all densities, targets and scores are in closed form:

@@ -26,7 +26,7 @@
 # **The model.** The forward process corrupts an image $x_0$ in $T=1000$ steps,
 # $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon$, $\epsilon\sim\mathcal N(0,I)$,
 # and a network $\epsilon_\theta(x_t,t)$ learns to predict the noise:
-# $$\ell_\theta(x_0) = \mathbb E_{t,\epsilon}\,\|\epsilon-\epsilon_\theta(x_t,t)\|^2 \qquad (L_\text{simple}, \text{methods.md §0}).$$
+# $$\ell_\theta(x_0) = \mathbb E_{t,\epsilon}\,\|\epsilon-\epsilon_\theta(x_t,t)\|^2 \qquad (L_\text{simple}, \text{docs/mathematics.md §0}).$$
 # The same predictions bound the likelihood:
 # $-\log p_\theta(x_0) \le L_T + \sum_{t\ge2} w_t\,\mathbb E\|\epsilon-\epsilon_\theta(x_t,t)\|^2 + L_0$ with
 # $w_t = \beta_t^2 / (2\sigma_t^2\alpha_t(1-\bar\alpha_t))$ — `vdu.diffusion.nll_bits_per_dim` evaluates it
@@ -108,7 +108,7 @@ if demo_steps:
 
 # %% [markdown] tags=[]
 # ## The committed model and its K-checkpoint posterior
-# VDU (methods.md §1) needs a diagonal Gaussian $\mathcal N(\mu^*, \operatorname{diag}\sigma^{*2})$ over the
+# VDU (docs/mathematics.md §1) needs a diagonal Gaussian $\mathcal N(\mu^*, \operatorname{diag}\sigma^{*2})$ over the
 # weights. `vdu.posterior` estimates it from K checkpoints: by default the K late snapshots of the
 # pretraining run (SWAG-diagonal), or K short seeded continuations (`method="continuations"`).
 

@@ -18,7 +18,7 @@
 # %% [markdown] tags=[]
 # # 2 · Variational Diffusion Unlearning (VDU), derived and run on MNIST
 #
-# Panda et al., "Variational Diffusion Unlearning" (arXiv 2510.04058) — methods.md §1. This notebook
+# Panda et al., "Variational Diffusion Unlearning" (arXiv 2510.04058) — docs/mathematics.md §1. This notebook
 # derives the objective, states its hazards, and runs it through the package's single entry point
 # `vdu.unlearning.unlearn(model, forget_data, method="vdu", ...)`; the loss lives in `vdu.methods.vdu`, one of the methods of `vdu.methods`.
 #
@@ -56,7 +56,7 @@
 #
 # **A second stability term: the same KL, measured on the model's outputs.** `B` is a *parameter-space*
 # stand-in for "stay close to what the pretrained posterior allows". The quantity it protects is the
-# model's *distribution*; methods.md §2 gives that divergence directly: for two diffusion models with
+# model's *distribution*; docs/mathematics.md §2 gives that divergence directly: for two diffusion models with
 # the same forward process, pathwise `KL(q ‖ p_θ) ≤ Σ_t w_t E_{x_0∼q, ε}‖ε_θ(x_t, t) − ε_q(x_t, t)‖²`
 # (FU's objective). Its expectation is over the *pretrained model's* samples, which cost nothing and
 # need no retain data, so the data constraint is kept. `stability="function"` uses it (C_t = 1, mean over
@@ -74,7 +74,7 @@
 #    (−ELBO loss). We *minimise* the log-likelihood, so we minimise a lower bound of it: making the
 #    bound small does not make the likelihood small (the bound can be loosened instead — e.g. by a
 #    network that predicts noise badly at some t while the model's samples barely change). The
-#    likelihood constraint of methods.md §2 (LU) and the NLL bound measured on `D_f` are the honest
+#    likelihood constraint of docs/mathematics.md §2 (LU) and the NLL bound measured on `D_f` are the honest
 #    check; we report them.
 # 3. **Scale mismatch.** `A` is a batch MSE (~0.03 per pixel for a trained model), `B` a sum over
 #    millions of parameters divided by tiny variances. Because AdamW is invariant to the overall
@@ -250,7 +250,7 @@ if trajectories:
 # One call; the options are the loop's (`vdu.unlearning.LoopConfig`) and the method's (`vdu.methods.vdu.VDUConfig`). The stop rule measures the forget
 # denoising loss on the fixed probe every `probe_every` steps and stops once it reaches
 # `stop_forget_ratio` × its pretrained value — the likelihood constraint `E_{D_f}[−log p] ≥ b` of
-# methods.md §2 expressed through the denoising bound, with `b` set just below the runaway.
+# docs/mathematics.md §2 expressed through the denoising bound, with `b` set just below the runaway.
 
 # %% tags=[]
 cfg = configs[main_config]

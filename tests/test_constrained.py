@@ -1,4 +1,4 @@
-"""Constrained unlearning in the engine (methods.md §2): the dual ascent, RU on a class-conditional
+"""Constrained unlearning in the engine (docs/mathematics.md §2): the dual ascent, RU on a class-conditional
 UNet, and VDU's likelihood-constrained gamma — multipliers move the right way, reach the closed form
 where it is known, and an unreachable threshold stops the run as infeasible instead of looping."""
 import numpy as np

@@ -1,4 +1,4 @@
-"""Every formula in the notebooks' markdown renders with a real TeX-math renderer (KaTeX, run by node):
+"""Every formula in the notebooks' markdown and in docs/*.md renders with a real TeX-math renderer (KaTeX, run by node):
 a corrupted equation (a stray TAB where ``\\t`` of ``\\theta`` was, an unbalanced brace, an unknown macro)
 fails here instead of reaching a reader. ``make setup`` installs KaTeX from the npm registry into
 ``.venv/node``; without node or KaTeX the test is skipped with the reason (and fails under CI)."""
@@ -16,7 +16,9 @@ KATEX = REPO / ".venv" / "node" / "node_modules" / "katex"
 
 
 def markdown_cells(path: Path):
-    """(first line number, text) of each markdown cell of a jupytext percent file."""
+    """(first line number, text) of each markdown cell of a jupytext percent file (a .md file: one cell)."""
+    if path.suffix == ".md":
+        return [(1, path.read_text())]
     cells, cur, start = [], None, 0
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.startswith("# %%"):
@@ -42,7 +44,7 @@ def formulas(path: Path):
 
 
 CONTROL = r"[\x00-\x09\x0b-\x1f]"         # every control character but the newline
-NOTEBOOKS = sorted((REPO / "notebooks").glob("*.py"))
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.py")) + sorted((REPO / "docs").glob("*.md"))
 
 
 def test_a_lost_escape_is_caught(tmp_path):

@@ -1,4 +1,4 @@
-"""The primal-dual engine and exact strong duality on Gaussian mixtures (methods.md §2)."""
+"""The primal-dual engine and exact strong duality on Gaussian mixtures (docs/mathematics.md §2)."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Closed-form unlearning targets (methods.md §2) on Gaussian mixtures and their score / noise forms."""
+"""Closed-form unlearning targets (docs/mathematics.md §2) on Gaussian mixtures and their score / noise forms."""
 import numpy as np
 import pytest
 import torch

@@ -216,7 +216,7 @@ def test_smoke_forget_share_falls_without_collapse(mnist_setup, evaluator, cfg):
 
 @pytest.mark.slow
 def test_smoke_collapse_is_caught_not_counted(mnist_setup, evaluator):
-    """The measured hazard of methods.md §1: at lr 1e-4 the paper's objective blanks the samples within
+    """The measured hazard of docs/mathematics.md §1: at lr 1e-4 the paper's objective blanks the samples within
     a few steps. The forget share then 'falls' too, but the confident share and u-FID expose it, and the
     collapse guard stops the run and restores the last healthy weights."""
     unet = mnist_setup[0]

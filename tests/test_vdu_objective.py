@@ -1,4 +1,4 @@
-"""VDU / NegGrad losses (vdu.methods.vdu, methods.md §1) against hand computations on a tiny UNet."""
+"""VDU / NegGrad losses (vdu.methods.vdu, docs/mathematics.md §1) against hand computations on a tiny UNet."""
 import pytest
 import torch
 

@@ -59,7 +59,7 @@ def run(dataset: str = "mnist", batch: int = 64, repeats: int = 5) -> dict:
 
 
 def vdu_step_cost(unet, sched, x, repeats: int = 5) -> dict:
-    """Seconds of one VDU step (methods.md §1: L = gamma B + (1 - gamma) A, "mean" normalisation)
+    """Seconds of one VDU step (docs/mathematics.md §1: L = gamma B + (1 - gamma) A, "mean" normalisation)
     relative to one plain denoising fine-tuning step on the same batch (goal: <= 1.1x); and of one
     step with ``stability="function"`` (the replay KL doubles the forward/backward work: expect ~2x)."""
     from .methods.vdu import FunctionSpaceRegularizer, StabilityRegularizer, vdu_loss

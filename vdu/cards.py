@@ -46,7 +46,7 @@ def quality_bar(hist: dict, confident_min: float = 0.9, share_range=(0.05, 0.15)
 
 def evaluate(unet, scheduler, evaluator, reference, n: int = 1000, ddim_steps: int = 50, nll_images: int = 256,
              nll_timesteps: int = 100, seed: int = 0, progress: bool = True) -> tuple[dict, torch.Tensor]:
-    """Sample ``n`` images from the seed bank and measure them (methods.md §4): class shares,
+    """Sample ``n`` images from the seed bank and measure them (docs/mathematics.md §4): class shares,
     confident share, domain FID/KID against ``reference`` (an ImageData), and the NLL bound of
     ``nll_images`` reference images. Class-conditional models get labels ``i % classes``.
     Returns (metrics, samples)."""

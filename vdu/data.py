@@ -1,4 +1,4 @@
-"""Image datasets as tensors in [-1, 1] (NCHW) and forget/retain splits (methods.md §0: D_f, D_r).
+"""Image datasets as tensors in [-1, 1] (NCHW) and forget/retain splits (docs/mathematics.md §0: D_f, D_r).
 
 Three sources, one result type (:class:`ImageData`):
 - ``load_dataset(name)``: the project's offline ``.npz`` files (``../shared/data`` next to the repo,
@@ -215,7 +215,7 @@ def from_image_folder(root: str | os.PathLike, size: int | None = None, name: st
 
 @dataclass
 class UnlearnData:
-    """Everything an unlearning run may be given (methods.md §0: D_f, D_r), plus what its evaluation uses.
+    """Everything an unlearning run may be given (docs/mathematics.md §0: D_f, D_r), plus what its evaluation uses.
 
     Each method declares which of these it needs (``vdu.methods.Method.needs``); the loop refuses to
     run a method whose data is missing, with a message saying which."""

@@ -1,4 +1,4 @@
-"""The DDPM mathematics in one place (methods.md §0): the forward process, the noise-prediction error,
+"""The DDPM mathematics in one place (docs/mathematics.md §0): the forward process, the noise-prediction error,
 L_simple and the ELBO weights, the per-image NLL bound in bits/dim, and the samplers.
 
 Training, every unlearning method, the evaluation and the benchmark call these functions; nothing
@@ -46,7 +46,7 @@ WEIGHTINGS = ("simple", "elbo")
 
 # ---------------------------------------------------------------- forward process and losses
 def forward_noise(scheduler, x0, generator=None, t=None, eps=None):
-    """The forward process of methods.md §0: ``(x_t, t, eps)`` with t ~ U{0..T-1} (0-based scheduler
+    """The forward process of docs/mathematics.md §0: ``(x_t, t, eps)`` with t ~ U{0..T-1} (0-based scheduler
     indices) and eps ~ N(0, I) drawn from ``generator`` (t first) unless given."""
     g_dev = generator.device if generator is not None else x0.device
     if t is None:
@@ -58,7 +58,7 @@ def forward_noise(scheduler, x0, generator=None, t=None, eps=None):
 
 
 def noise_prediction_error(unet, scheduler, x0, labels=None, generator=None, t=None, eps=None):
-    """Per-pixel ``(eps - eps_theta(x_t, t))^2`` of methods.md §0, shape (batch, pixels), and the t used
+    """Per-pixel ``(eps - eps_theta(x_t, t))^2`` of docs/mathematics.md §0, shape (batch, pixels), and the t used
     (t and eps as in :func:`forward_noise`)."""
     xt, t, eps = forward_noise(scheduler, x0, generator, t, eps)
     pred = unet(xt, t, class_labels=labels).sample
@@ -66,7 +66,7 @@ def noise_prediction_error(unet, scheduler, x0, labels=None, generator=None, t=N
 
 
 def denoising_loss(unet, scheduler, x0, labels=None, generator=None, reduction="mean"):
-    """L_simple of methods.md §0: ``||eps - eps_theta(x_t, t)||^2`` with t ~ U{1..T}, eps ~ N(0, I).
+    """L_simple of docs/mathematics.md §0: ``||eps - eps_theta(x_t, t)||^2`` with t ~ U{1..T}, eps ~ N(0, I).
 
     ``reduction='none'`` returns one value per image (mean over pixels)."""
     per = noise_prediction_error(unet, scheduler, x0, labels, generator)[0].mean(1)

@@ -1,4 +1,4 @@
-"""One evaluation path (methods.md §4) for the unlearning loop's monitoring, the experiments, the cards
+"""One evaluation path (docs/mathematics.md §4) for the unlearning loop's monitoring, the experiments, the cards
 and the notebooks: an :class:`EvalConfig` says how samples are drawn (count, sampler, steps, seed bank),
 :func:`evaluate` draws them and measures the forget-class share, PUL against the model before
 unlearning (same seed bank), the confident share, u-FID against real retained-class images and, when

@@ -1,5 +1,5 @@
 """The evaluator: a small CNN classifier per dataset that labels generated samples (PUL, class
-histograms) and whose penultimate features give the domain FID/KID (methods.md §4)."""
+histograms) and whose penultimate features give the domain FID/KID (docs/mathematics.md §4)."""
 from __future__ import annotations
 
 import json

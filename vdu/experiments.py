@@ -1,7 +1,7 @@
 """Class-unlearning experiments of the notebooks: "unlearn and measure" as one table row, the scale table
 and the trajectories of notebooks/vdu_unlearning.
 
-Every number comes from :func:`vdu.evaluation.evaluate` (methods.md §4: PUL, forget share, confident
+Every number comes from :func:`vdu.evaluation.evaluate` (docs/mathematics.md §4: PUL, forget share, confident
 share, u-FID, forget / retain NLL bound), always on the same seed bank as the pretrained model's numbers.
 The data of a run is a :class:`vdu.data.UnlearnData` (``vdu.data.class_split`` makes one per class).
 """
@@ -45,7 +45,7 @@ def unlearn_and_measure(unet, scheduler, evaluator, data: UnlearnData, before: d
 
 def scale_table(unet, scheduler, posterior: dict, x: torch.Tensor, dataset_size: int, seed: int = 0) -> list[dict]:
     """Notebook section "The posterior and the scale mismatch": A, B and their gradient norms at the
-    current weights for each normalisation and centre of B (methods.md §1, scale-mismatch hazard)."""
+    current weights for each normalisation and centre of B (docs/mathematics.md §1, scale-mismatch hazard)."""
     from .methods.vdu import CENTERS, NORMALIZATIONS, StabilityRegularizer, plasticity_inducer
 
     params = list(unet.parameters())

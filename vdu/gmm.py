@@ -1,12 +1,12 @@
-"""Gaussian mixtures: the exact testbed of methods.md §2.
+"""Gaussian mixtures: the exact testbed of docs/mathematics.md §2.
 
 - :class:`GMM`: density, log-density, score, seeded sampling, and the forward-process marginal
   ``q_t`` (a GMM again, so the exact noise prediction ``eps_q(x, t) = -sigma_t grad log q_t``).
-- :class:`Problem`: RU / FU / LU on a 2-D grid — closed-form targets (methods.md §2 table),
+- :class:`Problem`: RU / FU / LU on a 2-D grid — closed-form targets (docs/mathematics.md §2 table),
   dual functions in closed form, exact dual maximisation, duality gap, complementary slackness,
   exact feasibility checks. Integrals are Riemann sums on the grid (float64).
 - A small continuous-time VP diffusion (the T -> inf limit of DDPM's linear betas 1e-4..0.02 over
-  T = 1000, methods.md §0) with an MLP noise predictor, probability-flow ODE sampling and exact
+  T = 1000, docs/mathematics.md §0) with an MLP noise predictor, probability-flow ODE sampling and exact
   ODE log-likelihoods (2-D divergence by autograd), and :func:`unlearn`, the primal-dual algorithm
   of :mod:`vdu.primal_dual` applied to it.
 - Estimators: MMD between sample sets, kNN KL between sample sets, mode shift / mass.
@@ -94,7 +94,7 @@ class GMM:
         return -(torch.softmax(logc, -1)[..., None] * sol).sum(1)
 
     def eps(self, x, abar) -> torch.Tensor:
-        """Exact noise prediction ``eps_q(x_t) = -sqrt(1 - abar) grad log q_t(x_t)`` (methods.md §0)."""
+        """Exact noise prediction ``eps_q(x_t) = -sqrt(1 - abar) grad log q_t(x_t)`` (docs/mathematics.md §0)."""
         a = torch.as_tensor(abar, dtype=torch.float64).reshape(-1, 1)
         return -(1 - a).sqrt() * self.score(x, abar)
 
@@ -149,7 +149,7 @@ def _kl(p, logp, logq, area) -> float:
 
 # ------------------------------------------------------------------------------------------ problems
 class Problem:
-    """One constrained-unlearning problem of methods.md §2 on a 2-D grid.
+    """One constrained-unlearning problem of docs/mathematics.md §2 on a 2-D grid.
 
     ``kind``: ``"ru"`` (min KL(p||q) s.t. KL(p||q_u^i) >= b_i), ``"fu"`` (min KL(q||p) s.t.
     KL(q_u^i||p) >= b_i) or ``"lu"`` (min KL(p||q) s.t. E_p[q_u^i] <= b_i, i.e. b = eps).
@@ -376,7 +376,7 @@ class EpsMLP(nn.Module):
 
 
 def denoise_loss(net, x0, gen=None) -> torch.Tensor:
-    """Per-sample ``||eps - eps_theta(x_t, t)||^2``, ``t ~ U(T_EPS, 1)`` (methods.md §0, continuous t)."""
+    """Per-sample ``||eps - eps_theta(x_t, t)||^2``, ``t ~ U(T_EPS, 1)`` (docs/mathematics.md §0, continuous t)."""
     x0 = x0.float()
     t = T_EPS + (1 - T_EPS) * torch.rand(len(x0), generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
@@ -481,7 +481,7 @@ def learned_values(problem: Problem, eps_fn, lam=None, n: int = 2000, seed: int 
 def unlearn(problem: Problem, net: nn.Module, *, steps: int = 2000, dual_every: int = 100, dual_lr=0.5,
             lr: float = 1e-3, batch: int = 1024, n_eval: int = 2000, ode_steps: int = 40, seed: int = 0,
             patience: int = 10, progress: bool = True):
-    """The primal-dual algorithm (methods.md §2) for a learned 2-D diffusion model, in place on ``net``.
+    """The primal-dual algorithm (docs/mathematics.md §2) for a learned 2-D diffusion model, in place on ``net``.
 
     Primal step: RU / LU — denoising on samples of the Lagrangian minimiser ``p_lambda`` (the closed
     form, drawn exactly from the grid), so the fitted model is the diffusion of ``p_lambda`` itself;

@@ -1,4 +1,4 @@
-"""Sample metrics of methods.md §4: class histogram, confident share, PUL, domain FID / KID.
+"""Sample metrics of docs/mathematics.md §4: class histogram, confident share, PUL, domain FID / KID.
 
 Every number depends on the evaluator, the sample count and the reference set: the functions
 return them alongside so results files can name them.
@@ -29,7 +29,7 @@ class EvaluatorFeatures(nn.Module):
 
 
 def class_histogram(evaluator, images: torch.Tensor, threshold: float = CONFIDENT) -> dict:
-    """Evaluator labels of ``images``: per-class counts and shares, confident share (methods.md §4).
+    """Evaluator labels of ``images``: per-class counts and shares, confident share (docs/mathematics.md §4).
 
     ``images``: float (N, C, H, W) in [-1, 1]; other dtypes, NaN / inf and out-of-range values raise."""
     from .evaluator import Evaluator
@@ -48,7 +48,7 @@ def class_histogram(evaluator, images: torch.Tensor, threshold: float = CONFIDEN
 
 
 def pul(labels_before: torch.Tensor, labels_after: torch.Tensor, forget_class: int) -> float:
-    """Percentage of unlearning (methods.md §1): ``(N_orig - N_unl) / N_orig * 100`` where N counts
+    """Percentage of unlearning (docs/mathematics.md §1): ``(N_orig - N_unl) / N_orig * 100`` where N counts
     samples assigned to ``forget_class``, both sample sets drawn from the same seed bank."""
     n0 = int((torch.as_tensor(labels_before) == forget_class).sum())
     n1 = int((torch.as_tensor(labels_after) == forget_class).sum())
@@ -82,7 +82,7 @@ def _check_sets(fake, real, batch_size) -> None:
 
 def domain_fid(evaluator, fake: torch.Tensor, real: torch.Tensor, batch_size: int = 500) -> float:
     """FID between ``fake`` and ``real`` images computed by torchmetrics on the evaluator's
-    penultimate features (a *domain* FID, methods.md §4). Pass ``evaluator=2048`` for Inception."""
+    penultimate features (a *domain* FID, docs/mathematics.md §4). Pass ``evaluator=2048`` for Inception."""
     _check_sets(fake, real, batch_size)
     feat = _features(evaluator)
     m = FrechetInceptionDistance(feature=feat, reset_real_features=True)

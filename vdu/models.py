@@ -1,4 +1,4 @@
-"""Diffusers ``UNet2DModel`` + ``DDPMScheduler`` presets, loading and saving (methods.md §0).
+"""Diffusers ``UNet2DModel`` + ``DDPMScheduler`` presets, loading and saving (docs/mathematics.md §0).
 
 A model folder is a diffusers pipeline folder: ``unet/`` (config + safetensors) and ``scheduler/``,
 so ``DDPMPipeline.from_pretrained(folder)`` opens ours and ``load_model`` opens hub pipelines such

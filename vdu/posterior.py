@@ -1,4 +1,4 @@
-"""Diagonal Gaussian approximation of the pretrained posterior p(theta | D) from K checkpoints (methods.md §1).
+"""Diagonal Gaussian approximation of the pretrained posterior p(theta | D) from K checkpoints (docs/mathematics.md §1).
 
 ``mu*_i`` and ``sigma*_i^2`` are the per-parameter mean and (floored) variance over K weight sets.
 Two documented ways to get the K sets, switchable in ``make_posterior``:

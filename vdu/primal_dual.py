@@ -1,4 +1,4 @@
-"""One generic primal-dual engine for constrained unlearning (methods.md §2, "Primal-dual algorithm").
+"""One generic primal-dual engine for constrained unlearning (docs/mathematics.md §2, "Primal-dual algorithm").
 
 Problem form: ``min_theta f(theta)  s.t.  g_i(theta) <= 0`` (i = 1..m), with the convention that
 ``violations[i] = g_i`` is positive when constraint i is violated (its slack is ``-g_i``):
@@ -45,7 +45,7 @@ def _project_capped_simplex(v: np.ndarray, s: float) -> np.ndarray:
 
 @dataclass
 class DualDomain:
-    """Dual domain of one problem (methods.md §2 table, last column).
+    """Dual domain of one problem (docs/mathematics.md §2 table, last column).
 
     - ``"ru"``: ``lambda >= 0``, ``sum lambda <= 1 - margin`` (the dual function is -inf at ``sum >= 1``);
     - ``"fu"``: ``lambda >= 0``, ``lambda_i <= cap_i`` where the box ``[0, cap]`` must lie inside
@@ -96,7 +96,7 @@ class DualDomain:
 
 
 def lagrangian(objective: torch.Tensor, violations: torch.Tensor, lam) -> torch.Tensor:
-    """Empirical Lagrangian ``f + sum_i lambda_i g_i`` (methods.md §2)."""
+    """Empirical Lagrangian ``f + sum_i lambda_i g_i`` (docs/mathematics.md §2)."""
     lam = torch.as_tensor(np.asarray(lam), dtype=violations.dtype, device=violations.device)
     return objective + (lam * violations.reshape(-1)).sum()
 
@@ -191,7 +191,7 @@ def primal_dual(params, lagrangian_fn: Callable, domain: DualDomain, *, steps: i
                 dual_lr=0.1, lam0=None, lr: float = 1e-3, weight_decay: float = 0.0, optimizer=None,
                 evaluate: Callable | None = None, patience: int = 20, tol: float = 0.0, seed: int = 0,
                 progress: bool = True, desc: str = "primal-dual") -> PDResult:
-    """Run the primal-dual algorithm of methods.md §2.
+    """Run the primal-dual algorithm of docs/mathematics.md §2.
 
     ``lagrangian_fn(lam: np.ndarray) -> dict`` with either ``objective`` (tensor) and ``violations``
     (tensor (m,)), whose Lagrangian ``objective + lam . violations`` is minimised, or ``loss`` (a

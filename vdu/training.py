@@ -1,4 +1,4 @@
-"""Resumable DDPM pretraining with EMA and the K late snapshots VDU's posterior needs (methods.md §0-§1).
+"""Resumable DDPM pretraining with EMA and the K late snapshots VDU's posterior needs (docs/mathematics.md §0-§1).
 
 One dataclass config per run (nanoGPT style). The run folder holds ``state.pt`` (written atomically
 every ``checkpoint_every`` steps: weights, EMA, optimiser, LR schedule, RNG state, step), a JSONL log

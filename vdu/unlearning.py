@@ -15,10 +15,10 @@ Works on any diffusers ``UNet2DModel`` (ours or a user's; unconditional or with 
 which case a forget class is the prompt: the forget images are conditioned on it, and methods such as
 ESD and Selective Amnesia use it; without a forget class the null class is used).
 
-What makes a run robust (methods.md §1 hazards: the forget loss is unbounded above, the useful strength
+What makes a run robust (docs/mathematics.md §1 hazards: the forget loss is unbounded above, the useful strength
 range is narrow, a collapsed model can look like forgetting):
 
-- **Stop rule** (the likelihood-constraint view of methods.md §2, LU: ``E_{D_f}[-log p] >= b``):
+- **Stop rule** (the likelihood-constraint view of docs/mathematics.md §2, LU: ``E_{D_f}[-log p] >= b``):
   every ``probe_every`` steps the forget-set denoising loss is measured on a *fixed* probe (fixed
   images, t and eps, so the numbers are comparable along the run), and optionally the NLL bound in
   bits/dim. The run stops as soon as the probe loss reaches ``stop_forget_ratio`` times its
@@ -27,7 +27,7 @@ range is narrow, a collapsed model can look like forgetting):
   ``explode_ratio`` times its initial value, stops the run, restores the last weights whose loss was
   finite and sane, warns, and records the event. The result of the last step is checked too (one
   probe after the loop), and non-finite monitoring samples count as divergence.
-- **Constrained methods** (methods.md §2: ``ru``, ``vdu`` with ``forget_ratio``) update their
+- **Constrained methods** (docs/mathematics.md §2: ``ru``, ``vdu`` with ``forget_ratio``) update their
   multipliers after each step (``Method.after_step``); the loop logs them in ``log.duals`` and stops
   the run as ``infeasible`` when a multiplier has run to the edge of its domain with the constraint
   still violated (``vdu.primal_dual.InfeasibleConstraint``).
@@ -70,7 +70,7 @@ class LoopConfig:
     weight_decay: float = 0.0         # weight decay (0: only the method pulls towards theta*)
     grad_clip: float | None = 1.0     # gradient-norm clip (None: off)
     seed: int = 0                     # batches, t and eps of the run and of the probe
-    # --- stop rule (likelihood constraint, methods.md §2) ---
+    # --- stop rule (likelihood constraint, docs/mathematics.md §2) ---
     probe_every: int = 5              # measure the fixed forget probe every N steps (0: never; the end is always checked)
     probe_size: int = 64              # forget images in the probe
     stop_forget_ratio: float | None = None  # stop when probe L_simple >= ratio * pretrained value

@@ -9,7 +9,7 @@ A method is a small class with
 - optionally ``backward(out, params)`` (gradient surgery, e.g. a rescaled forget gradient) and
   ``transform_grads(params)`` (e.g. a saliency mask), both called by the loop before clipping;
 - optionally ``after_step(model, step, out)``, called after each optimiser step: constrained methods
-  (methods.md §2) update their multipliers there (``vdu.primal_dual.DualAscent``) and return the dual
+  (docs/mathematics.md §2) update their multipliers there (``vdu.primal_dual.DualAscent``) and return the dual
   record the loop logs; raising ``vdu.primal_dual.InfeasibleConstraint`` stops the run as infeasible.
   Keys of ``out`` starting with ``_`` are private to the method (e.g. per-constraint violations) and
   are not logged as terms.

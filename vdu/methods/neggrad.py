@@ -1,4 +1,4 @@
-"""NegGrad (methods.md §3): gradient ascent on the forget-set denoising loss, ``L = -L_simple(D_f)``.
+"""NegGrad (docs/mathematics.md §3): gradient ascent on the forget-set denoising loss, ``L = -L_simple(D_f)``.
 
 The simplest forget-only baseline and VDU with gamma = 0; unbounded below, so it lives on the loop's
 stop rule and divergence guard. ``strength`` scales the loss (0 leaves the model in place)."""

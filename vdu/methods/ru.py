@@ -1,4 +1,4 @@
-"""RU, reverse-KL constrained concept unlearning (methods.md §2), for class-conditional models.
+"""RU, reverse-KL constrained concept unlearning (docs/mathematics.md §2), for class-conditional models.
 
 The concept is a prompt c; the null class is the unconditional branch. For the model's distribution
 under the prompt, ``p = p_theta(. | c)``, with ``q = q(. | null)`` and ``q_u = q(. | c)`` the frozen
@@ -16,7 +16,7 @@ the multiplier of the constraint (projected dual ascent, ``vdu.primal_dual.DualA
 the closed form's ``alpha = sqrt(kl_min) - 1``) instead of by hand: the threshold b says *how far* from the concept the prompt must move, the dual finds the
 smallest guidance that gets there.
 
-**Constraint estimate.** The pathwise reverse KL of methods.md §2 with C_t = 1 on the model's own
+**Constraint estimate.** The pathwise reverse KL of docs/mathematics.md §2 with C_t = 1 on the model's own
 x_t (ESD's partial DDIM sampling under c with the model being trained),
 ``K(theta) = E ||eps_theta(x_t, c) - eps_q(x_t, c)||^2``, in units of the pretrained *concept gap*
 ``D0 = E ||eps_q(x_t, c) - eps_q(x_t, null)||^2`` on the same x_t, so ``b = kl_min * D0``. At the

@@ -1,6 +1,6 @@
-"""Variational Diffusion Unlearning (methods.md §1) and its function-space variant, as an unlearning method.
+"""Variational Diffusion Unlearning (docs/mathematics.md §1) and its function-space variant, as an unlearning method.
 
-VDU, methods.md §1 (Panda et al. 2025). With the pretrained posterior approximated by a diagonal
+VDU, docs/mathematics.md §1 (Panda et al. 2025). With the pretrained posterior approximated by a diagonal
 Gaussian ``N(mu*, diag sigma*^2)`` from K checkpoints (``vdu.posterior``) and a point estimate theta:
 
     B(theta) = sum_i (theta_i - mu*_i)^2 / (2 sigma*_i^2)                 stability regularizer (KL term)
@@ -33,7 +33,7 @@ stores as ``deployed``). Unlearning starts from theta*, so with ``"mean"`` B is 
 ``"deployed"`` B is exactly 0 at the start.
 
 **Function-space stability** (``function_space_kl``, our variant, used by ``unlearn(...,
-stability="function")``): B replaced by the pathwise ``KL(q || p_theta)`` of methods.md §2 estimated on
+stability="function")``): B replaced by the pathwise ``KL(q || p_theta)`` of docs/mathematics.md §2 estimated on
 samples of the pretrained model (replay), i.e. "stay close to the pretrained model" measured on the
 outputs instead of through a Gaussian over the parameters. Measured on MNIST (notebooks/vdu_unlearning):
 it holds the model where the parameter-space B does not.
@@ -42,7 +42,7 @@ it holds the model where the parameter-space B does not.
 SISS does for its negative term), so the push away from D_f cannot run away as A grows without bound.
 
 **Dual-tuned gamma** (``forget_ratio``, beyond the paper): gamma is hand-tuned per model and class, and
-the stop rule's ratio by hand too. Posed as a likelihood-constrained problem (methods.md §2, LU, on the
+the stop rule's ratio by hand too. Posed as a likelihood-constrained problem (docs/mathematics.md §2, LU, on the
 forget data's own likelihood bound): ``min B  s.t.  E_{D_f} l_theta >= forget_ratio * E_{D_f} l_theta*``,
 whose Lagrangian ``B + lambda (b - E l_theta)`` is, up to a constant and the overall scale,
 ``gamma B + (1 - gamma) A`` with ``gamma = 1 / (1 + lambda)``. The multiplier is found by projected dual
@@ -82,7 +82,7 @@ def check_gamma(gamma: float) -> float:
 
 
 class StabilityRegularizer:
-    """``B(theta) = sum_i (theta_i - mu*_i)^2 / (2 sigma*_i^2)`` (methods.md §1, the KL term).
+    """``B(theta) = sum_i (theta_i - mu*_i)^2 / (2 sigma*_i^2)`` (docs/mathematics.md §1, the KL term).
 
     ``posterior`` is the dict of ``vdu.posterior.load_posterior`` (``mean``, ``var``, ``deployed``).
     The variance is floored at ``var_floor``; ``center`` picks mu* ('mean' | 'deployed');
@@ -132,7 +132,7 @@ def plasticity_inducer(unet, scheduler, x0: torch.Tensor, weighting: str = "simp
                        dataset_size: int | None = None, labels=None, generator: torch.Generator | None = None,
                        t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
                        weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A = -sum_{x in D_f} sum_t C_t ||eps - eps_theta(x_t, t)||^2`` (methods.md §1), Monte Carlo.
+    """``A = -sum_{x in D_f} sum_t C_t ||eps - eps_theta(x_t, t)||^2`` (docs/mathematics.md §1), Monte Carlo.
 
     Returns ``(A, per_image)`` where ``per_image`` is the plain per-image L_simple (mean squared error
     over pixels, detached), which is what the run monitors. ``t`` (0-based scheduler indices, one per
@@ -156,7 +156,7 @@ def plasticity_inducer(unet, scheduler, x0: torch.Tensor, weighting: str = "simp
 
 def function_space_kl(unet, teacher, scheduler, x0: torch.Tensor, labels=None, generator=None, t=None,
                       eps=None) -> torch.Tensor:
-    """Pathwise ``KL(q || p_theta)`` up to the weights C_t = 1 (methods.md §2, FU objective): the mean over
+    """Pathwise ``KL(q || p_theta)`` up to the weights C_t = 1 (docs/mathematics.md §2, FU objective): the mean over
     the batch and pixels of ``||eps_theta(x_t, t) - eps_q(x_t, t)||^2`` with ``x_0 ~ q`` (``x0``: samples
     of the pretrained model ``teacher``), t ~ U{1..T}, x_t from the forward process.
 
@@ -203,7 +203,7 @@ class FunctionSpaceRegularizer:
 def vdu_loss(unet, scheduler, x0: torch.Tensor, regularizer, gamma: float,
              weighting: str = "simple", dataset_size: int | None = None, generator=None, labels=None,
              t=None, eps=None, weights=None) -> dict:
-    """``L_VDU = gamma * B + (1 - gamma) * A`` (methods.md §1); the normalisation is the regulariser's.
+    """``L_VDU = gamma * B + (1 - gamma) * A`` (docs/mathematics.md §1); the normalisation is the regulariser's.
 
     ``regularizer``: a :class:`StabilityRegularizer` (the paper's B) or a :class:`FunctionSpaceRegularizer`.
 
@@ -244,7 +244,7 @@ class VDUConfig:
 def _resolve_posterior(posterior, model):
     from ..posterior import load_posterior
     if posterior is None:
-        raise ValueError("method 'vdu' with stability='posterior' needs the K-checkpoint posterior (methods.md §1): "
+        raise ValueError("method 'vdu' with stability='posterior' needs the K-checkpoint posterior (docs/mathematics.md §1): "
                          "pass posterior= a posterior.safetensors path (make it with `python -m vdu posterior "
                          "MODEL_DIR`) or the dict of vdu.posterior.load_posterior; or use stability='function', "
                          "which needs none")
@@ -256,7 +256,7 @@ def _resolve_posterior(posterior, model):
 class VDU(Method):
     """Variational Diffusion Unlearning: ``L = gamma * B + (1 - gamma) * A`` from the forget set alone.
 
-    Paper settings (methods.md §1): gamma = 1/2 is the variational objective; the paper tunes gamma per
+    Paper settings (docs/mathematics.md §1): gamma = 1/2 is the variational objective; the paper tunes gamma per
     model. Settings measured here on the MNIST DDPM (notebooks/vdu_unlearning): the posterior B with
     gamma 0.5, AdamW 1e-6 and a stop at forget loss 1.02x did not unlearn a class; the function-space
     variant with gamma 0.8, AdamW 3e-5, <= 80 steps and a stop at 1.3x did on 5/10 classes."""
