@@ -146,3 +146,48 @@ def test_vdu_dual_refuses_bad_settings(bad):
     with pytest.raises(ValueError):
         unlearn(unet, _data(), "vdu", sched, **{**LOOP, "steps": 1}, **SMALL["vdu"],
                 **{"forget_ratio": 1.5, **bad})
+
+
+# --- FU: forward-KL constrained data unlearning --------------------------------------------------------
+
+def test_fu_multiplier_stops_at_retraining_and_reports_a_threshold_beyond_it():
+    """forget_ratio 1e3 is more than retraining (lambda = w) can give: lambda runs to w and the run stops as
+    infeasible; the multipliers never leave FU's dual domain [0, w]."""
+    unet, sched = tiny_unet(), build_scheduler()
+    with pytest.warns(RuntimeWarning, match="infeasible"):
+        out = unlearn(unet, _data(), "fu", sched, **{**LOOP, "steps": 100, "probe_every": 0}, forget_ratio=1e3,
+                      forget_mass=0.1, groups=2, dual_lr=1.0, dual_every=1, patience=3)
+    log = out.unlearn_log
+    assert log.stop_reason == "infeasible" and log.steps_done < 10
+    lam = np.array(log.duals[-1]["lam"])
+    assert np.allclose(lam, 0.05) and "dual domain" in log.events[-1]
+
+
+def test_fu_loss_is_the_lagrangian_with_forget_weight_w_minus_lambda():
+    """At lambda = 0 the forget term carries weight w / (1 - w) (the pretrained mixture); at lambda = w none
+    (retraining without the forget data)."""
+    from vdu.methods import Batch, get_method
+    unet, sched = tiny_unet(), build_scheduler()
+    d = _data()
+    cls = get_method("fu")
+    m = cls(unet, d, cls.Config(forget_mass=0.2), sched, None)
+    b = lambda: Batch(d.forget[:4], None, d.retain[:4], None, torch.Generator().manual_seed(0), 8, torch.arange(4))
+    out0 = m.loss(unet, b())
+    assert float(out0["loss"].detach()) == pytest.approx(float(out0["retain_loss"]) + 0.25 * float(out0["forget_loss"]), rel=1e-5)
+    m.dual.lam[:] = 0.2
+    out1 = m.loss(unet, b())
+    assert float(out1["loss"].detach()) == pytest.approx(float(out1["retain_loss"]), rel=1e-6)
+
+
+def test_fu_groups_track_their_own_images():
+    unet, sched = tiny_unet(), build_scheduler()
+    out = unlearn(unet, _data(), "fu", sched, **{**LOOP, "steps": 2, "batch_size": 8}, groups=8, dual_every=2)
+    d = out.unlearn_log.duals[-1]
+    assert len(d["lam"]) == 8 and all(r is not None and r > 0 for r in d["ratio"])
+
+
+@pytest.mark.parametrize("bad", [dict(forget_mass=1.0), dict(groups=0), dict(groups=100), dict(lam_max=-1.0),
+                                 dict(forget_ratio=0.0)])
+def test_fu_refuses_bad_settings(bad):
+    with pytest.raises(ValueError):
+        unlearn(tiny_unet(), _data(), "fu", build_scheduler(), **{**LOOP, "steps": 1}, **bad)

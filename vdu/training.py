@@ -45,7 +45,7 @@ class ConfigError(ValueError):
 # Fields a resumed run restores from state.pt (optimiser, LR schedule, EMA) or that decide the
 # architecture or the data: a different value on resume would be ignored or break the run, so it is refused.
 RESUME_FIXED = ("lr", "warmup", "lr_final_frac", "weight_decay", "grad_clip", "ema_decay", "max_train",
-                "model_overrides")
+                "canaries", "canary_repeat", "model_overrides")
 STATE_KEYS = ("model", "opt", "sched", "ema", "gen", "step", "wall_s", "config")
 
 
@@ -72,6 +72,8 @@ class TrainConfig:
     init: str | None = None           # start from this model folder's weights (continuations)
     data_root: str | None = None      # folder with the .npz files (default: vdu.data.data_root())
     max_train: int | None = None      # use only this many training images (smoke runs)
+    canaries: int = 0                 # add this many marked training digits (vdu.canaries: a canary model; 0: none)
+    canary_repeat: int = 1            # copies of each canary in the training set (how strongly they are memorised)
     model_overrides: dict = field(default_factory=dict)  # UNet2DModel kwargs on top of the preset
 
     def command(self) -> str:
@@ -105,8 +107,9 @@ class TrainConfig:
             bad("dataset", f"one of {sorted(SPECS)}")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "snapshot_every"):
             integer(name, 1)
-        for name in ("warmup", "k_snapshots"):
+        for name in ("warmup", "k_snapshots", "canaries"):
             integer(name, 0)
+        integer("canary_repeat", 1)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             bad("seed", "an integer")
         number("lr", lambda v: v > 0, "a number > 0")
@@ -232,8 +235,14 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
         _check_resume(st, cfg, st_file)
     (out / "snapshots").mkdir(parents=True, exist_ok=True)
     data = data if data is not None else load_dataset(cfg.dataset, "train", cfg.data_root)
+    full = data
     if cfg.max_train:
         data = data.take(cfg.max_train, seed=cfg.seed)
+    if cfg.canaries:     # drawn from the whole training set, as vdu.canaries.canary_sets draws them for evaluation
+        from .canaries import canary_sets
+        marked, _ = canary_sets(full, cfg.canaries)
+        data = ImageData(torch.cat([data.images, marked.images.repeat(cfg.canary_repeat, 1, 1, 1)]),
+                   torch.cat([data.labels, marked.labels.repeat(cfg.canary_repeat)]), data.classes, data.name)
     n = len(data)
     if n < cfg.batch_size:
         raise ValueError(f"{n} training images is fewer than one batch of {cfg.batch_size}")

@@ -338,7 +338,7 @@ def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None,
             r_i += rbs
             rb = data.retain[ridx].to(dev)
             rl = None if r_labels is None else r_labels[ridx].to(dev)
-        batch = Batch(x[idx].to(dev), None if labels is None else labels[idx].to(dev), rb, rl, gen, n)
+        batch = Batch(x[idx].to(dev), None if labels is None else labels[idx].to(dev), rb, rl, gen, n, idx)
         out = m.loss(unet, batch)
         loss = out["loss"]
         terms = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()

@@ -14,13 +14,14 @@ from .base import NEEDS, Batch, Method
 from .erasediff import EraseDiff
 from .esd import ESD
 from .finetune import Finetune
+from .fu import FU
 from .neggrad import NegGrad
 from .ru import RU
 from .salun import SalUn
 from .siss import SISS
 from .vdu import VDU
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (VDU, NegGrad, Finetune, Amnesia, SalUn, EraseDiff, SISS, ESD, RU)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (VDU, NegGrad, Finetune, Amnesia, SalUn, EraseDiff, SISS, ESD, RU, FU)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -44,6 +44,7 @@ class Batch:
     retain_labels: torch.Tensor | None        # their class labels (conditional models) or the null class
     generator: torch.Generator                # t, eps and any other draw of the step come from here
     dataset_size: int                         # |D_f|
+    forget_index: torch.Tensor | None = None  # positions of this step's forget images in D_f (per-image multipliers)
 
 
 class Method:
