@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_train_config
-from vdu.canaries import add_mark, canary_sets, has_mark, mark_rate, mark_score
+from vdu.canaries import add_mark, canary_sets, evaluate_canaries, has_mark, mark_rate, mark_score
 
 
 def test_detector_finds_the_mark_and_nothing_on_real_digits(small_data):
@@ -44,3 +44,17 @@ def test_a_canary_run_refuses_to_resume_with_other_canaries(small_data, tmp_path
                  data=small_data, progress=False)
     with pytest.raises(ConfigError, match="canaries"):
         tiny_train_config(tmp_path / "x", canaries=-1).check()
+
+
+def test_evaluate_canaries_scores_marks_and_a_zero_gap_for_identical_sets(small_data, evaluator):
+    from conftest import tiny_unet
+    from vdu.evaluation import EvalConfig
+    from vdu.models import build_scheduler
+    real = small_data.images[:16]
+    cfg = EvalConfig(n_samples=16, steps=1, nll_timesteps=2)
+    samples = torch.cat([add_mark(real[:4]), real[4:]])
+    r = evaluate_canaries(tiny_unet(), build_scheduler(), evaluator, cfg, real[:4], real[:4], small_data.images[16:80],
+                          samples=samples, bootstrap=50)
+    assert r["mark_rate"] == pytest.approx(0.25) and r["membership_gap"] == pytest.approx(0.0, abs=1e-9)
+    lo, hi = r["mark_rate_ci"]
+    assert lo <= 0.25 <= hi and r["fid"] > 0
