@@ -16,7 +16,11 @@
 # ---
 
 # %% [markdown]
-# # Strong-duality unlearning targets on Gaussian mixtures
+# # 3 · Strong-duality unlearning targets on Gaussian mixtures
+#
+# **Read first:** `pretrain` (the DDPM notation). **Read next:** `constrained_unlearning` and
+# `data_unlearning` (the same problems on image models). **Cost:** smoke profile about a minute (tests);
+# full profile about 8 minutes on one CPU thread.
 #
 # This notebook derives the three constrained unlearning problems of `docs/mathematics.md` §2
 # (Khalafi, Ribeiro & Ding, ICML 2026) — **RU** (reverse-KL constraints, for concepts), **FU**
@@ -76,9 +80,9 @@ t_start = time.time()
 # %% [markdown]
 # ## The mixture
 #
-# `q` is a four-component isotropic mixture (variance 0.25) with unequal weights. The unlearning
-# distribution is one component, `q_u = q(. | c = 0)` (the "class" at (-1.5, -1.5), weight 0.3);
-# the exact part also runs two forget components (m = 2) to exercise several constraints.
+# $q$ is a four-component isotropic mixture (variance 0.25) with unequal weights. The unlearning
+# distribution is one component, $q_u=q(\cdot\mid c=0)$ (the "class" at $(-1.5,-1.5)$, weight 0.3); the
+# exact part also runs two forget components ($m=2$) to exercise several constraints.
 
 # %%
 q = gmm.GMM([0.3, 0.2, 0.25, 0.25], [(-1.5, -1.5), (1.5, -1.5), (-1.5, 1.5), (1.5, 1.5)], 0.25)
@@ -89,83 +93,105 @@ print(q, "| forget: component 0 | grid", grid_n, "x", grid_n, "on [-6, 6]^2")
 # %% [markdown]
 # ## Deriving the three problems
 #
-# Notation: `q` pretrained, `q_u^i` (i = 1..m) unlearning distributions, `p` any density, multipliers
-# `λ_i ≥ 0`, `Λ = Σ_i λ_i`. Constraints are written `g_i(p) ≤ 0` (`g_i > 0` = violated), the
-# convention of `vdu.primal_dual`.
+# Notation: $q$ pretrained, $q_u^i$ ($i=1..m$) the unlearning distributions, $p$ any density, multipliers
+# $\lambda_i\ge0$, $\Lambda=\sum_i\lambda_i$. Constraints are written $g_i(p)\le0$ ($g_i>0$: violated),
+# the convention of `vdu.primal_dual`. Equation numbers refer to `docs/mathematics.md`.
 #
-# ### RU — reverse-KL constraints
-# `min_p KL(p‖q)  s.t.  KL(p‖q_u^i) ≥ b_i`.  Lagrangian, with `g_i = b_i − KL(p‖q_u^i)`:
+# ### RU: reverse-KL constraints
 #
-# `L(p, λ) = ∫p log(p/q) − Σ λ_i ∫p log(p/q_u^i) + λ·b = (1 − Λ) ∫p log p − ∫p [log q − Σ λ_i log q_u^i] + λ·b`.
+# $$\min_p\ \mathrm{KL}(p\|q)\quad\text{s.t.}\quad \mathrm{KL}(p\|q_u^i)\ge b_i,\qquad g_i=b_i-\mathrm{KL}(p\|q_u^i).$$
 #
-# *Minimiser.* For `Λ < 1` the entropy term has a positive coefficient, so `L` is strictly convex in
-# `p` and, writing `f = (log q − Σ λ_i log q_u^i)/(1 − Λ)`,
-# `L = (1 − Λ)[KL(p ‖ e^f/Z) − log Z] + λ·b`, minimised by `p_λ = e^f / Z`:
+# The Lagrangian collects the entropy terms:
 #
-# `p_λ ∝ q^{1/(1−Λ)} Π (q_u^i)^{−λ_i/(1−Λ)} = q · Π_i (q/q_u^i)^{α_i},  α_i = λ_i/(1 − Λ)`
+# $$\mathcal L(p,\lambda)=\int p\log\frac pq-\sum_i\lambda_i\int p\log\frac p{q_u^i}+\lambda\cdot b
+# =(1-\Lambda)\int p\log p-\int p\Big[\log q-\sum_i\lambda_i\log q_u^i\Big]+\lambda\cdot b .$$
 #
-# (using `1/(1−Λ) = 1 + Σ α_i`). *Dual function:* `d(λ) = −(1 − Λ) log Z(λ) + λ·b`.
-# *Domain:* for `Λ > 1` the coefficient of `∫p log p` is negative and `L → −∞` (concentrate `p`);
-# at `Λ = 1` `L` is linear in `p` and unbounded below as well; so the dual domain is
-# `{λ ≥ 0, Σ λ_i < 1}` (and `Z(λ)` must be finite: true for mixtures whose `q_u` has variance
-# at least that of `q`'s components).
-# *Score form:* `∇ log p_λ = s_q + Σ α_i (s_q − s_{u,i})`, i.e. `ε* = ε_q + Σ α_i (ε_q − ε_{u,i})`
-# — negative guidance. With `q_u = q(·|c)`, `q/q(·|c) = q(c)/q(c|x)`, so `p_λ ∝ q / q(c|x)^α`: ESD's
-# target with `η = α = λ/(1 − λ)` (`vdu.targets.ru_eps`, `esd_eps`). This composition is the exact
-# score of `p_λ` at `t = 0`; at `t > 0` the diffused target is *not* the same product of diffused
-# densities (measured below).
+# *Minimiser.* For $\Lambda<1$ the entropy term has a positive coefficient, so $\mathcal L$ is strictly convex
+# in $p$. With $f=(\log q-\sum_i\lambda_i\log q_u^i)/(1-\Lambda)$ and $Z=\int e^f$,
+# $\mathcal L=(1-\Lambda)\big[\mathrm{KL}(p\|e^f/Z)-\log Z\big]+\lambda\cdot b$, minimised by $p_\lambda=e^f/Z$:
 #
-# ### FU — forward-KL constraints
-# `min_p KL(q‖p)  s.t.  KL(q_u^i‖p) ≥ b_i`, `g_i = b_i − KL(q_u^i‖p)`:
+# $$p_\lambda\propto q^{\frac1{1-\Lambda}}\prod_i(q_u^i)^{-\frac{\lambda_i}{1-\Lambda}}=q\prod_i\Big(\frac q{q_u^i}\Big)^{\alpha_i},\qquad\alpha_i=\frac{\lambda_i}{1-\Lambda}$$
 #
-# `L(p, λ) = −∫ r log p + ∫q log q − Σ λ_i ∫q_u^i log q_u^i + λ·b,   r = q − Σ λ_i q_u^i`,  `∫ r = 1 − Λ`.
+# (using $1/(1-\Lambda)=1+\sum_i\alpha_i$). *Dual function:* $d(\lambda)=-(1-\Lambda)\log Z(\lambda)+\lambda\cdot b$.
+# *Domain:* for $\Lambda>1$ the coefficient of $\int p\log p$ is negative and $\mathcal L\to-\infty$
+# (concentrate $p$); at $\Lambda=1$, $\mathcal L$ is linear in $p$ and unbounded below as well. So the dual
+# domain is $\{\lambda\ge0,\ \sum_i\lambda_i<1\}$ (and $Z(\lambda)$ must be finite: true for mixtures whose
+# $q_u$ has a variance at least that of $q$'s components).
 #
-# *Domain:* if `r < 0` on a set of positive measure, letting `p → 0` there sends `−∫ r log p → −∞`;
-# so the domain is `{λ ≥ 0 : q − Σ λ_i q_u^i ≥ 0}` (which forces `Λ ≤ 1`). *Minimiser* (Gibbs'
-# inequality): `p_λ = r/(1 − Λ) = (q − Σ λ_i q_u^i)/(1 − Λ)`. *Dual:*
-# `d(λ) = ∫q log q − Σ λ_i ∫q_u^i log q_u^i − ∫ r log r + (1 − Λ) log(1 − Λ) + λ·b`.
-# When `q_u^i` is component `i` of `q` with weight `w_i`, the domain is the box `0 ≤ λ_i ≤ w_i`
-# (in the direction where component `i` dominates, `r ≥ 0` needs `λ_i ≤ w_i`), and at the corner
-# `λ = w` the target is exactly the retained-only mixture — retraining from scratch.
-# *Score / loss form:* `p_λ` is never needed explicitly: the denoising loss of `p_λ` is
-# `E_q[ℓ_θ] − Σ λ_i E_{q_u^i}[ℓ_θ]` divided by `1 − Λ` (`vdu.targets.fu_loss`): retain-minus-forget
-# (SISS / NegGrad + retain) with dual weights.
+# *Score form:* $\nabla\log p_\lambda=s_q+\sum_i\alpha_i(s_q-s_{u,i})$, i.e.
 #
-# ### LU — likelihood constraints
-# `min_p KL(p‖q)  s.t.  E_{x∼p}[q_u^i(x)] ≤ ε_i`, `g_i = E_p[q_u^i] − ε_i`:
+# $$\epsilon^*=\epsilon_q+\sum_i\alpha_i\,(\epsilon_q-\epsilon_{u,i}),$$
 #
-# `L(p, λ) = ∫p log(p/q) + Σ λ_i ∫p q_u^i − λ·ε = KL(p ‖ q e^{−Σλ_i q_u^i}/Z) − log Z − λ·ε`.
+# negative guidance. With $q_u=q(\cdot\mid c)$, $q/q(\cdot\mid c)=q(c)/q(c\mid x)$, so
+# $p_\lambda\propto q/q(c\mid x)^\alpha$: ESD's target with $\eta=\alpha=\lambda/(1-\lambda)$
+# (`vdu.targets.ru_eps`, `esd_eps`). This composition is the exact score of $p_\lambda$ at $t=0$; at $t>0$
+# the diffused target is *not* the same product of diffused densities (measured below).
 #
-# *Minimiser* `p_λ ∝ q · exp(−Σ λ_i q_u^i(x))`; *dual* `d(λ) = −log Z(λ) − λ·ε`; *domain*: all
-# `λ ≥ 0` (`Z ≤ 1` always). *Score form:* `s* = s_q − Σ λ_i ∇_x q_u^i(x)`
-# (`vdu.targets.lu_score`): negative guidance weighted by the forget *likelihood*, so it only acts
-# where `q_u` is large — retained modes far from the forget data are untouched.
+# ### FU: forward-KL constraints
 #
-# ### Why strong duality holds although RU/FU constraints are nonconvex
-# `p ↦ KL(p‖q_u)` is convex, so `{KL(p‖q_u) ≥ b}` is the complement of a convex set and RU/FU are
-# not convex programmes; weak duality (`d(λ) ≤ P*`) is all that convexity would give. The paper's
-# argument (sketched): consider the set of achievable (objective, constraint) value vectors
-# `C = {(KL(p‖q), KL(p‖q_u^1), …)}` over densities. The values are integrals of `p` against fixed
-# functions plus `∫p log p`; by **Lyapunov's convexity theorem** the range of a finite-dimensional,
-# non-atomic vector measure is convex, and splitting the space into pieces on which mixtures of two
-# densities can be "switched" shows that the achievable set (enlarged upward, its perceptual hull)
-# is convex even though the functionals are not. A convex value set plus a strictly feasible point
-# (Slater) gives the usual separating-hyperplane proof: `P* = max_λ d(λ)`. Honest caveats: the
-# argument needs a non-atomic base measure and a strictly feasible point; on a finite grid (what we
-# compute with below) the measure *is* atomic, so we do not rely on the theorem there — we
-# *certify* the gap instead: at the numerically maximised `λ*`, the closed-form `p_λ*` is primal
-# feasible, so `P* ≤ KL(p_λ*) `and `P* ≥ d(λ*)` (weak duality), and `KL(p_λ*) − d(λ*)` bounds the
-# true gap. For FU, when `b` is so large that the dual optimum sits at the corner of the domain with
-# the constraint still violated, the infimum is not attained by any target (only by a sequence that
-# sends `p → 0` on part of `supp q_u`); `vdu` reports that as `InfeasibleConstraint`.
+# $$\min_p\ \mathrm{KL}(q\|p)\quad\text{s.t.}\quad\mathrm{KL}(q_u^i\|p)\ge b_i,\qquad g_i=b_i-\mathrm{KL}(q_u^i\|p),$$
+#
+# $$\mathcal L(p,\lambda)=-\int r\log p+\int q\log q-\sum_i\lambda_i\int q_u^i\log q_u^i+\lambda\cdot b,\qquad
+# r=q-\sum_i\lambda_iq_u^i,\quad\int r=1-\Lambda .$$
+#
+# *Domain:* if $r<0$ on a set of positive measure, letting $p\to0$ there sends $-\int r\log p\to-\infty$; so
+# the domain is $\{\lambda\ge0:\ q-\sum_i\lambda_iq_u^i\ge0\}$, which forces $\Lambda\le1$. *Minimiser*
+# (Gibbs' inequality):
+#
+# $$p_\lambda=\frac r{1-\Lambda}=\frac{q-\sum_i\lambda_iq_u^i}{1-\Lambda}.$$
+#
+# *Dual:* $d(\lambda)=\int q\log q-\sum_i\lambda_i\int q_u^i\log q_u^i-\int r\log r+(1-\Lambda)\log(1-\Lambda)+\lambda\cdot b$.
+# When $q_u^i$ is component $i$ of $q$ with weight $w_i$, the domain is the box $0\le\lambda_i\le w_i$ (in
+# the direction where component $i$ dominates, $r\ge0$ needs $\lambda_i\le w_i$), and at the corner
+# $\lambda=w$ the target is exactly the retained-only mixture: retraining from scratch.
+# *Loss form:* $p_\lambda$ is never needed explicitly: its denoising loss is
+# $\big(\mathbb E_q[\ell_\theta]-\sum_i\lambda_i\mathbb E_{q_u^i}[\ell_\theta]\big)/(1-\Lambda)$
+# (`vdu.targets.fu_loss`): retain-minus-forget (SISS / NegGrad + retain) with dual weights.
+#
+# ### LU: likelihood constraints
+#
+# $$\min_p\ \mathrm{KL}(p\|q)\quad\text{s.t.}\quad\mathbb E_{x\sim p}[q_u^i(x)]\le\varepsilon_i,\qquad g_i=\mathbb E_p[q_u^i]-\varepsilon_i,$$
+#
+# $$\mathcal L(p,\lambda)=\int p\log\frac pq+\sum_i\lambda_i\int p\,q_u^i-\lambda\cdot\varepsilon
+# =\mathrm{KL}\Big(p\,\Big\|\,\frac{q\,e^{-\sum_i\lambda_iq_u^i}}Z\Big)-\log Z-\lambda\cdot\varepsilon .$$
+#
+# *Minimiser* $p_\lambda\propto q\,\exp\big(-\sum_i\lambda_iq_u^i(x)\big)$; *dual* $d(\lambda)=-\log Z(\lambda)-\lambda\cdot\varepsilon$;
+# *domain:* every $\lambda\ge0$ ($Z\le1$ always). *Score form:*
+#
+# $$s^*=s_q-\sum_i\lambda_i\nabla_xq_u^i(x)$$
+#
+# (`vdu.targets.lu_score`): negative guidance weighted by the forget *likelihood*, so it acts only where
+# $q_u$ is large; retained modes far from the forget data are untouched.
+#
+# ### Why strong duality holds although the RU / FU constraints are nonconvex
+#
+# $p\mapsto\mathrm{KL}(p\|q_u)$ is convex, so $\{\mathrm{KL}(p\|q_u)\ge b\}$ is the complement of a convex set
+# and RU / FU are not convex programmes; convexity alone gives only weak duality, $d(\lambda)\le P^*$. The
+# paper's argument (sketched): consider the set of achievable (objective, constraint) values
+# $\mathcal C=\{(\mathrm{KL}(p\|q),\mathrm{KL}(p\|q_u^1),\dots)\}$ over densities. The values are integrals of
+# $p$ against fixed functions plus $\int p\log p$; by **Lyapunov's convexity theorem** the range of a
+# finite-dimensional non-atomic vector measure is convex, and splitting the space into pieces on which
+# mixtures of two densities can be switched shows that the achievable set (enlarged upward) is convex
+# even though the functionals are not. A convex value set plus a strictly feasible point (Slater) gives
+# the separating-hyperplane proof: $P^*=\max_\lambda d(\lambda)$.
+#
+# Caveats: the argument needs a non-atomic base measure and a strictly feasible point. On a finite grid
+# (what we compute with below) the measure *is* atomic, so we do not rely on the theorem there; we
+# *certify* the gap instead: at the numerically maximised $\lambda^*$ the closed-form $p_{\lambda^*}$ is
+# primal feasible, so $P^*\le\mathrm{KL}(p_{\lambda^*})$, and $P^*\ge d(\lambda^*)$ (weak duality):
+# $\mathrm{KL}(p_{\lambda^*})-d(\lambda^*)$ bounds the true gap. For FU, when $b$ is so large that the dual
+# optimum sits at the corner of the domain with the constraint still violated, the infimum is not
+# attained by any target (only by a sequence that sends $p\to0$ on part of $\operatorname{supp}q_u$); `vdu`
+# reports that as `InfeasibleConstraint`.
 
 # %% [markdown]
 # ## 1. Exact: maximise the duals, duality gap, complementary slackness
 #
 # Thresholds are set relative to the pretrained model's own value so that each constraint is
-# active: RU `b = KL(q‖q_u) + δ_RU`, FU `b = KL(q_u‖q) + δ_FU`, LU `ε = ρ · E_q[q_u]`.
-# `Problem.solve` maximises the closed-form dual (SLSQP with the Danskin gradient `∇d(λ) = g(p_λ)`),
-# then evaluates the primal at `p_λ*`. Integrals are Riemann sums on the grid.
+# active: RU $b=\mathrm{KL}(q\|q_u)+\delta_\text{RU}$, FU $b=\mathrm{KL}(q_u\|q)+\delta_\text{FU}$, LU
+# $\varepsilon=\rho\,\mathbb E_q[q_u]$. `Problem.solve` maximises the closed-form dual (SLSQP with the
+# Danskin gradient $\nabla d(\lambda)=g(p_\lambda)$), then evaluates the primal at $p_{\lambda^*}$. Integrals
+# are Riemann sums on the grid.
 
 # %%
 def make_problem(kind, fg):
@@ -193,8 +219,8 @@ print("RU alpha* = lambda*/(1 - lambda*):", np.round(exact["ru"]["alpha"], 4))
 
 # %% [markdown]
 # **Infeasible thresholds are reported, not looped on.** RU: on the grid no density has
-# `KL(p‖q_u)` beyond the point-mass bound; FU: a threshold beyond `KL(q_u‖retained mixture)` is not
-# attained; LU: `ε = 0` admits no density (Slater fails).
+# $\mathrm{KL}(p\|q_u)$ beyond the point-mass bound; FU: a threshold beyond $\mathrm{KL}(q_u\|q_r)$ ($q_r$ the
+# retained mixture) is not attained; LU: $\varepsilon=0$ admits no density (Slater fails).
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -206,9 +232,9 @@ for kind, b in (("ru", 1e4), ("fu", 100.0), ("lu", 0.0)):
         print(kind.upper(), "InfeasibleConstraint:", str(e).split(":")[0])
 
 # %% [markdown]
-# **The score forms at t > 0.** The RU and LU noise forms compose *diffused* scores; they are the
-# exact score of `p_λ` only at `t = 0`. Sampling the probability-flow ODE with the composed exact
-# mixture scores (no network) and measuring `KL(p_λ ‖ p_guided)` with exact ODE likelihoods shows how
+# **The score forms at $t>0$.** The RU and LU noise forms compose *diffused* scores; they are the
+# exact score of $p_\lambda$ only at $t=0$. Sampling the probability-flow ODE with the composed exact
+# mixture scores (no network) and measuring $\mathrm{KL}(p_\lambda\|p_\text{guided})$ with exact ODE likelihoods shows how
 # far plain negative guidance lands from the closed-form optimum — which is why the learned
 # experiment below fits the diffusion of `p_λ` itself.
 
@@ -235,15 +261,15 @@ for k in ("ru", "lu"):
 # %% [markdown]
 # ## 2. Learned: pretrain a small diffusion model, then the primal-dual algorithm
 #
-# The model is a continuous-time VP diffusion (the `T → ∞` limit of DDPM's linear betas) with an MLP
+# The model is a continuous-time VP diffusion (the $T\to\infty$ limit of DDPM's linear betas) with an MLP
 # noise predictor; its density is the probability-flow ODE, whose log-likelihood is exact up to ODE
 # discretisation (checked against the mixture in `tests/test_targets.py`). `vdu.gmm.unlearn` runs
 # `vdu.primal_dual.primal_dual` from the pretrained weights:
 #
 # - primal (AdamW, `dual_every` steps per dual update): RU / LU denoise samples of the current
-#   Lagrangian minimiser `p_λ` (drawn exactly from the grid); FU minimises the retain-minus-forget
-#   loss `vdu.targets.fu_loss` on batches of `q` and `q_u` — no closed form used;
-# - dual: `λ ← proj(λ + η g)` with `g` estimated on the **learned** model (`n_eval` samples, exact
+#   Lagrangian minimiser $p_\lambda$ (drawn exactly from the grid); FU minimises the retain-minus-forget
+#   loss `vdu.targets.fu_loss` on batches of $q$ and $q_u$ (no closed form used);
+# - dual: $\lambda\leftarrow\operatorname{proj}(\lambda+\eta\,g)$ with $g$ estimated on the **learned** model (`n_eval` samples, exact
 #   ODE likelihoods), projected on each dual domain; the reported multiplier is the average of the
 #   second half of the dual iterates.
 
@@ -283,8 +309,8 @@ for k in problems:
 # %% [markdown]
 # ## 3. RU moves the retained modes; FU and LU leave them in place
 #
-# Mass and mean shift of each of `q`'s modes (points assigned by `q`'s responsibilities) under the
-# exact target (shift from `q`'s component means) and under the learned model (shift from the
+# Mass and mean shift of each of $q$'s modes (points assigned by $q$'s responsibilities) under the
+# exact target (shift from $q$'s component means) and under the learned model (shift from the
 # pretrained model's own mode means, samples from the same ODE seeds, so that pretraining error
 # cancels). Mode 0 is forgotten; modes 1-3 are retained.
 
