@@ -42,6 +42,8 @@
 # | `salun` | $D_f$ + $D_r$ | mask $m=\mathbb 1[|\nabla L_\text{simple}(D_f)|\ge q_{50\%}]$; $\|\epsilon_\theta(x_t,c_f)-\text{sg}\,\epsilon_\theta(x_t,c')\|^2+\alpha L_\text{simple}(D_r)$ |
 # | `erasediff` | $D_f$ + $D_r$ | $g = \nabla L_\text{simple}(D_r) + \lambda\nabla\|\epsilon_\theta(x^f_t,t)-u\|^2$, $\lambda=\max(\eta-\cos(g_r,g_f),0)$ |
 # | `siss` | $D_f$ + $D_r$ | importance-weighted $L_r - s\,L_f$ on one mixture $x_t$, forget gradient at a fixed norm |
+# | `ru` | concept | ESD's target with the guidance $\alpha=\lambda/(1-\lambda)$ set by the dual of $\mathrm{KL}(p\|q(\cdot\mid c_f))\ge b$ |
+# | `fu` | $D_f$ + $D_r$ | $L_\text{simple}(D_r)+\frac{w-\lambda}{1-w}L_\text{simple}(D_f)$, $\lambda\in[0,w]$ set by the dual of $L_\text{simple}(D_f)\ge\rho\,L^*$ |
 #
 # The function-space VDU term is frozen-teacher distillation on replay samples: the generative-replay
 # term of Selective Amnesia and the frozen-teacher target of ESD at $\eta=0$. What differs is the push:
@@ -83,6 +85,8 @@ entries = {                # name -> method + its options + which models it runs
     "salun": dict(method="salun", lr=3e-5, mask_batches=1, mask_batch_size=16, models=["uncond", "cond"]),
     "erasediff": dict(method="erasediff", lr=3e-5, models=["uncond", "cond"]),
     "siss": dict(method="siss", lr=5e-5, models=["uncond", "cond"]),
+    "ru": dict(method="ru", lr=1e-5, kl_min=4.0, sample_steps=4, models=["cond"]),
+    "fu": dict(method="fu", lr=3e-5, forget_mass=0.1, forget_ratio=1.3, models=["uncond", "cond"]),
 }
 first_class = 1            # every entry runs this class first (the paper's MNIST example)
 subset = []                # ... then these (full: [8, 0])

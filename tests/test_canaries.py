@@ -3,7 +3,7 @@ fixed disjoint pair, and a canary model's training data carries them."""
 import pytest
 import torch
 
-from conftest import tiny_train_config
+from conftest import REPO, tiny_train_config
 from vdu.canaries import add_mark, canary_sets, evaluate_canaries, has_mark, mark_rate, mark_score
 
 
@@ -58,3 +58,16 @@ def test_evaluate_canaries_scores_marks_and_a_zero_gap_for_identical_sets(small_
     assert r["mark_rate"] == pytest.approx(0.25) and r["membership_gap"] == pytest.approx(0.0, abs=1e-9)
     lo, hi = r["mark_rate_ci"]
     assert lo <= 0.25 <= hi and r["fid"] > 0
+
+
+def test_a_canary_models_card_reports_its_canaries(small_data, tmp_path, monkeypatch):
+    from vdu import cards
+    from vdu.training import pretrain
+    out = pretrain(tiny_train_config(tmp_path / "run", steps=2, canaries=4, canary_repeat=2, k_snapshots=0),
+                   data=small_data, progress=False)
+    monkeypatch.setattr(cards, "load_dataset", lambda *a, **k: small_data)     # the test's data, not the full set
+    card = cards.model_card(out, REPO / "checkpoints" / "mnist" / "evaluator", n=4, ddim_steps=1, nll_images=2,
+                            nll_timesteps=2, progress=False)
+    c = card["metrics"]["canaries"]
+    assert c["n"] == 4 and c["repeat"] == 2 and 0.0 <= c["mark_rate"] <= 1.0
+    assert c["membership_gap"] == pytest.approx(c["nll_trained"] - c["nll_held_out"], abs=2e-4)

@@ -93,6 +93,19 @@ def model_card(model_dir: str | os.PathLike, evaluator_dir: str | os.PathLike, n
     dataset = train.get("config", {}).get("dataset", "mnist")
     metrics, x = evaluate(unet, sched, ev, load_dataset(dataset, "test", data_root), n, ddim_steps, nll_images,
                           nll_timesteps, seed, progress)
+    cfg = train.get("config", {})
+    if cfg.get("canaries"):          # a canary model: how much of its canaries it reproduces and explains
+        from .canaries import canary_sets, has_mark
+        trained, held = canary_sets(load_dataset(dataset, "train", data_root), cfg["canaries"])
+        kw = dict(timesteps=nll_timesteps, seed=seed, progress=progress)
+        a, b = (nll_bits_per_dim(unet, sched, s.images, **kw).double() for s in (trained, held))
+        metrics["canaries"] = {
+            "n": cfg["canaries"], "repeat": cfg.get("canary_repeat", 1),
+            "mark_rate": round(has_mark(x).float().mean().item(), 4), "detector": "vdu.canaries.mark_score >= 1.0",
+            "nll_trained": round(a.mean().item(), 4), "nll_held_out": round(b.mean().item(), 4),
+            "membership_gap": round((a.mean() - b.mean()).item(), 4),
+            "membership_gap_sem": round(((a.var() / len(a) + b.var() / len(b)) ** 0.5).item(), 4),
+            "t_terms": f"stratified, {nll_timesteps}"}
     card = {"model": str(model_dir),
             "command": TrainConfig(**train["config"]).command() if "config" in train else "",
             "card_command": command, "evaluator": str(evaluator_dir),
