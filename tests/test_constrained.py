@@ -191,3 +191,13 @@ def test_fu_groups_track_their_own_images():
 def test_fu_refuses_bad_settings(bad):
     with pytest.raises(ValueError):
         unlearn(tiny_unet(), _data(), "fu", build_scheduler(), **{**LOOP, "steps": 1}, **bad)
+
+
+def test_a_fixed_multiplier_at_the_boundary_is_not_reported_infeasible():
+    """FU held at a fixed lambda beyond its dual domain (NegGrad + retain): dual lr 0 never 'runs away'."""
+    unet, sched = tiny_unet(), build_scheduler()
+    out = unlearn(unet, _data(), "fu", sched, **{**LOOP, "steps": 8, "probe_every": 0}, forget_ratio=1e3,
+                  lam_max=3.0, lam0=3.0, dual_lr=0.0, dual_every=1, patience=2)
+    log = out.unlearn_log
+    assert log.stop_reason == "max_steps" and log.steps_done == 8
+    assert np.allclose(log.duals[-1]["lam_over_w"], 3.0)

@@ -176,7 +176,8 @@ class DualAscent:
         self.lam, pinned = self.domain.project(self.lam + self.eta * viol)
         rec = {"step": step, "lam": self.lam.tolist(), "objective": obj, "violations": viol.tolist()}
         self.history.append(rec)
-        self._stuck = np.where(pinned & (viol > self.tol), self._stuck + 1, 0)
+        # a multiplier held fixed (dual lr 0) at the boundary is a choice, not a runaway
+        self._stuck = np.where(pinned & (viol > self.tol) & (self.eta > 0), self._stuck + 1, 0)
         if (self._stuck >= self.patience).any():
             i = int(np.argmax(self._stuck))
             raise InfeasibleConstraint(
