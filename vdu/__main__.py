@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="DDIM steps for the samples")
     p.add_argument("--nll-images", type=_int_at_least(1), default=256)
     p.add_argument("--notes", default="", help="free text stored in the card (how the run went)")
+    p = sub.add_parser("report", help="rewrite the README tables from results/ (vdu.report)")
+    p.add_argument("--check", action="store_true", help="only check that the README tables match results/ (exit 1 if not)")
     a = ap.parse_args(argv)
 
     if a.cmd == "pretrain":
@@ -117,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(model_card(a.model_dir, a.evaluator, n=a.n, ddim_steps=a.steps,
                                     nll_images=a.nll_images, notes=a.notes,
                                     command=" ".join(["python -m vdu"] + (argv or sys.argv[1:]))), indent=2))
+    elif a.cmd == "report":
+        from .report import main as report
+        return report(check=a.check)
     return 0
 
 

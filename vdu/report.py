@@ -1,0 +1,159 @@
+"""README tables from the results files: ``python -m vdu report`` rewrites every block of README.md
+between ``<!-- report:NAME -->`` and ``<!-- /report -->`` from ``results/``; ``--check`` only says whether
+the README is up to date (exit 1 if not: a test runs it, so a table cannot drift from its numbers).
+
+One function per table, named in :data:`TABLES`; each reads the results file its notebook wrote and
+returns markdown. A table whose results file is missing says so instead of showing numbers.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .results import REPO
+
+BLOCK = re.compile(r"(<!-- report:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /report -->)", re.S)
+
+
+def _load(path: str, root: Path) -> dict | None:
+    p = root / path
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _ci(v, ci, fmt="{:.2f}"):
+    if ci is None:
+        return fmt.format(v)
+    return f"{fmt.format(v)} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+
+
+def duality(root: Path) -> str:
+    d = _load("results/gmm/duality.json", root)
+    if d is None:
+        return "_results/gmm/duality.json not written yet (`make run-all DATASETS=gmm`)._\n"
+    ex, le = d["exact"], d["learned"]
+    ks = ("ru", "fu", "lu")
+    rows = ["| | RU (reverse KL) | FU (forward KL) | LU (likelihood) |", "|---|---|---|---|",
+            "| exact dual optimum lambda* | " + " | ".join(f"{ex[k]['lambda'][0]:.5g}" for k in ks) + " |",
+            "| duality gap (target < 1e-3) | " + " | ".join(f"{abs(ex[k]['gap']):.0e}" for k in ks) + " |",
+            "| learned lambda (primal-dual), error (target < 10%) | " + " | ".join(
+                f"{le[k]['lambda'][0]:.4g}, {'' if le[k]['within_lam_tol'] else '**'}{100 * le[k]['lambda_rel_error']:.1f}%"
+                f"{'' if le[k]['within_lam_tol'] else '**'}" for k in ks) + " |",
+            "| KL(target ‖ learned), tolerance 0.05 nats | " + " | ".join(
+                f"{'' if le[k]['within_kl_tol'] else '**'}{le[k]['kl_target_to_learned']:.3f}"
+                f"{'' if le[k]['within_kl_tol'] else '**'}" for k in ks) + " |",
+            "| exact target: largest retained-mode shift | " + " | ".join(
+                f"{max(d['modes'][k]['exact']['shift'][1:]):.3f}" for k in ks) + " |"]
+    return "\n".join(rows) + f"\n\n{d['machine']}, {d['wall_time_s']:.0f} s, written {d['written']}.\n"
+
+
+def constrained(root: Path) -> str:
+    d = _load("results/mnist/constrained_unlearning.json", root)
+    if d is None:
+        return "_results/mnist/constrained_unlearning.json not written yet (`make run-all`)._\n"
+    c, ev = d["concept"], d["evaluation"]
+    b = d["before"]["summary"]
+    out = [f"Concept: prompt {c} of `{d['cond_model']}`; {ev['n_per_prompt']} samples per prompt ({ev['sampler']}, seed "
+           f"bank {ev['seed_bank']}); every run {d['concept_loop']['steps']} steps, lr {d['concept_loop']['lr']:g}, batch "
+           f"{d['concept_loop']['batch_size']}. Pretrained: prompt {c} yields a {c} in "
+           f"{b[f'forget_rate_{c}']:.0%} of its samples; retained prompts' label accuracy {b['label_accuracy']:.3f}, "
+           f"domain FID {b['fid']:.2f} (means over the 9 retained prompts).", "",
+           "| run | guidance | forget rate of prompt [95% CI] | retained label accuracy (drop) | retained FID (x) | "
+           "deviation on retained prompts | stop | s |", "|---|---|---|---|---|---|---|---|"]
+    for r in d["esd"] + d["ru"]:
+        ci = [p["label_accuracy_ci"] for p in r["eval"]["prompts"] if p["erased"]][0]
+        if r["method"] == "esd":
+            name, g = f"ESD η = {r['eta']:g}", f"η = {r['eta']:g} (fixed)"
+        else:
+            a = r["duals"][-1]["alpha"][0] if r["duals"] else float("nan")
+            name, g = f"RU κ = {r['kl_min']:g}", f"α → {a:.2f} (dual)"
+        out.append(f"| {name} | {g} | {_ci(r['forget_rate'][0], ci)} | {r['retained_accuracy']:.3f} "
+                   f"({r['accuracy_drop']:+.3f}) | {r['fid_ratio']:.2f} | {r['deviation']:.2e} | {r['stop']} | "
+                   f"{r['unlearn_s']:.0f} |")
+    m = d["multi"]
+    out += ["", f"Two prompts at once (RU, κ = {m['kl_min']:g}): forget rates "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in zip(d["concepts_multi"], m["forget_rate"]))
+            + f"; retained label accuracy {m['retained_accuracy']:.3f} ({m['accuracy_drop']:+.3f}), FID x{m['fid_ratio']:.2f}. "
+            f"Unreachable threshold (κ = {d['infeasible']['options']['kl_min']:g}, α ≤ "
+            f"{d['infeasible']['options']['alpha_max']:g}): stop reason `{d['infeasible']['stop_reason']}` after "
+            f"{d['infeasible']['steps']} steps."]
+    v = d["vdu_dual"]
+    if v["rows"]:
+        out += ["", f"VDU with γ from the likelihood constraint (function-space stability, forget ratio "
+                f"{v['options']['forget_ratio']:g}, {v['options']['steps']} steps, no stop rule; "
+                f"{v['evaluation']['samples']} samples, DDIM {v['evaluation']['ddim_steps']}):", "",
+                "| class | PUL % [95% CI] | u-FID (x) | γ at the end | hand-tuned PUL % | hand-tuned u-FID (x) |",
+                "|---|---|---|---|---|---|"]
+        hand = (v.get("hand_tuned") or {}).get("rows", {})
+        for r in v["rows"]:
+            h = hand.get(str(r["forget_class"])) or hand.get(r["forget_class"]) or {}
+            out.append(f"| {r['forget_class']} | {_ci(r['pul'], r.get('pul_ci'), '{:.1f}')} | {r['u_fid_ratio']:.2f} | "
+                       f"{r['gamma_end']:.3f} | {h.get('pul', float('nan')):.1f} | {h.get('u_fid_ratio', float('nan')):.2f} |")
+        mo = (v.get("hand_tuned") or {}).get("mean_over_classes")
+        if mo:
+            out += ["", f"Mean over classes {mo['classes']}: PUL {mo['pul_dual']:.1f}% (dual) vs {mo['pul_hand']:.1f}% "
+                    f"(hand-tuned γ 0.8 + stop at 1.3x); u-FID ratio {mo['u_fid_ratio_dual']:.2f} vs "
+                    f"{mo['u_fid_ratio_hand']:.2f}."]
+    out += ["", f"{d['machine']}, notebook {d['notebook_wall_s'] / 60:.0f} min, written {d['written']}."]
+    return "\n".join(out) + "\n"
+
+
+def data(root: Path) -> str:
+    d = _load("results/mnist/data_unlearning.json", root)
+    if d is None:
+        return "_results/mnist/data_unlearning.json not written yet (`make run-all`)._\n"
+    ev = d["evaluation"]
+
+    def row(name, r, extra=""):
+        return (f"| {name} | {_ci(r['mark_rate'], r.get('mark_rate_ci'), '{:.3f}')} | "
+                f"{_ci(r['membership_gap'], r.get('membership_gap_ci'), '{:+.4f}')} | {r['fid']:.2f} | "
+                f"{r['confident_share']:.2f} | {extra} |")
+
+    out = [f"`{d['canary_model']}`, {d['n_canaries']} trained + {d['n_canaries']} held-out canaries; {ev['n_samples']} "
+           f"samples per model ({ev['sampler']}, seed bank {ev['seed_bank']}); NLL: {ev['nll']}; FID: {ev['fid']}; "
+           f"every run {d['loop']['steps']} steps, batch {d['loop']['batch_size']}.", "",
+           "| model | mark rate [95% CI] | membership gap, bits/dim [95% CI] | FID | confident | run |",
+           "|---|---|---|---|---|---|",
+           row("canary model", d["before"], "—"), row("never saw the canaries", d["never_saw_canaries"], "—")]
+    for r in d["rows"]:
+        knob = {k: r[k] for k in ("forget_ratio", "lam_max", "lr") if k in r}
+        name = r["entry"] + ("" if not knob else " (" + ", ".join(f"{k} {v:g}" for k, v in knob.items()) + ")")
+        out.append(row(("**" + name + "**") if r.get("targets_met") else name, r,
+                       f"{r['steps']} steps, {r['stop']}, {r['unlearn_s']:.0f} s"))
+    inf = d["infeasible"]
+    out += ["", f"Bold: the canary targets met (mark rate <= 10% of the canary model's, FID <= 1.1x, gap interval "
+            f"overlapping the never-saw model's). A threshold beyond retraining (forget ratio "
+            f"{inf['options']['forget_ratio']:g}): stop reason `{inf['stop_reason']}`.",
+            "", f"{d['machine']}, notebook {d['notebook_wall_s'] / 60:.0f} min, written {d['written']}."]
+    return "\n".join(out) + "\n"
+
+
+TABLES = {"duality": duality, "constrained": constrained, "data": data}
+
+
+def render(text: str, root: Path = REPO) -> str:
+    """``text`` with every report block replaced by its table."""
+    def sub(m):
+        name = m.group("name")
+        if name not in TABLES:
+            raise ValueError(f"README block report:{name} has no table; known: {sorted(TABLES)}")
+        return m.group(1) + TABLES[name](root) + m.group(4)
+    return BLOCK.sub(sub, text)
+
+
+def main(check: bool = False, readme: Path | None = None, root: Path = REPO) -> int:
+    readme = readme or root / "README.md"
+    old = readme.read_text()
+    new = render(old, root)
+    if check:
+        if new != old:
+            print(f"{readme} is out of date with results/: run `python -m vdu report`")
+            return 1
+        print(f"{readme} tables match results/")
+        return 0
+    if new != old:
+        tmp = readme.with_suffix(".md.tmp")
+        tmp.write_text(new)
+        tmp.replace(readme)
+    print(f"{readme}: {len(BLOCK.findall(new))} tables from results/")
+    return 0
