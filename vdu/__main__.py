@@ -1,4 +1,5 @@
-"""Command line: ``python -m vdu {pretrain,export,posterior,evaluator,card} ...`` (see README)."""
+"""Command line: ``python -m vdu {pretrain,export,posterior,evaluator,card,unlearn,evaluate,report} ...``
+(see README; ``python -m vdu unlearn --method NAME --help`` lists that method's options)."""
 from __future__ import annotations
 
 import argparse
@@ -7,16 +8,61 @@ import json
 import sys
 
 
-def _add_config_args(p: argparse.ArgumentParser, cls) -> None:
-    for f in dataclasses.fields(cls):
-        if f.type in ("dict",) or f.name == "model_overrides":
-            continue
-        default = f.default
-        if f.type == "bool":
-            p.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=default)
+def _field_help(cls) -> dict:
+    """The comment beside each field of a config dataclass (with its continuation lines): the flag's help."""
+    import inspect
+    import re
+    out, last = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        m = re.match(r"(\w+)\s*:[^#=]*(?:=[^#]*)?#\s?(.*)$", text)
+        if m:
+            last = m.group(1)
+            out[last] = m.group(2).strip()
+        elif text.startswith("#") and last and not text.lstrip("#").strip().startswith("---"):
+            out[last] += " " + text.lstrip("#").strip()
         else:
-            typ = {"int": int, "float": float}.get(f.type.split(" |")[0], str)
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=typ, default=default)
+            last = None
+    return out
+
+
+def _add_config_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
+    """One flag per field of the dataclass ``cls`` (its comment as help); ``X | None`` fields take "none"."""
+    helps = _field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.type in ("dict",) or f.name == "model_overrides" or f.name in skip:
+            continue
+        flag, default = f"--{f.name.replace('_', '-')}", f.default
+        doc = (helps.get(f.name, "") + f" (default: {default})").replace("%", "%%")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(f.name, "").replace("%", "%%"))
+            continue
+        base = f.type.split("|")[0].strip()
+        optional = "None" in f.type
+        if base == "tuple":
+            p.add_argument(flag, type=int, nargs="+", default=default, help=doc)
+            continue
+        conv = {"int": int, "float": float}.get(base, str)
+
+        def parse(text, conv=conv, optional=optional):
+            if optional and text.lower() == "none":
+                return None
+            try:
+                return conv(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"must be {'an integer' if conv is int else 'a number' if conv is float else 'text'}"
+                                                 f"{' or none' if optional else ''}, got {text!r}") from None
+        p.add_argument(flag, type=parse, default=default, help=doc)
+
+
+def _method_of(argv: list[str]) -> str:
+    """The --method value of an ``unlearn`` command line (before the full parser exists), default vdu."""
+    for i, a in enumerate(argv):
+        if a == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--method="):
+            return a.split("=", 1)[1]
+    return "vdu"
 
 
 def _int_at_least(lo: int):
@@ -80,9 +126,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="DDIM steps for the samples")
     p.add_argument("--nll-images", type=_int_at_least(1), default=256)
     p.add_argument("--notes", default="", help="free text stored in the card (how the run went)")
+    from .methods import REGISTRY
+    from .unlearning import LoopConfig
+    argv = list(sys.argv[1:] if argv is None else argv)
+    method = _method_of(argv) if argv and argv[0] == "unlearn" else "vdu"
+    p = un = sub.add_parser("unlearn", help="unlearn a class from a model folder and save the result (vdu.unlearning)")
+    p.add_argument("model", help="model folder (save_pretrained layout, e.g. checkpoints/mnist/ddpm)")
+    p.add_argument("--method", default="vdu", choices=sorted(REGISTRY), help="unlearning method (vdu.methods)")
+    p.add_argument("--forget-class", type=int, required=True, help="class to unlearn (the prompt, for conditional models)")
+    p.add_argument("--n-forget", type=_int_at_least(1), default=1000, help="forget-class training images (D_f)")
+    p.add_argument("--n-retain", type=_int_at_least(0), default=None,
+                   help="retained-class training images (default: 2000 for methods that use D_r, else 0)")
+    p.add_argument("--dataset", default=None, help="dataset of the images (default: the model's train.json, else mnist)")
+    p.add_argument("--data-seed", type=int, default=0, help="which forget / retain images are drawn")
+    p.add_argument("--posterior", default=None,
+                   help="weight posterior file (default: MODEL/posterior.safetensors when the method needs one)")
+    p.add_argument("--out", required=True, help="folder for the unlearned model (with unlearn.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model folder that exists at --out")
+    _add_config_args(p, LoopConfig, skip=("save_to", "overwrite", "inplace", "device"))
+    if method in REGISTRY:
+        _add_config_args(p.add_argument_group(f"options of method {method!r}"), REGISTRY[method].Config)
+    p = sub.add_parser("evaluate", help="sample a model and measure it against a forget class (vdu.evaluation)")
+    p.add_argument("model")
+    p.add_argument("--evaluator", default=None, help="evaluator folder (default: checkpoints/<dataset>/evaluator)")
+    p.add_argument("--forget-class", type=int, default=None, help="class whose share (and u-FID reference) to measure")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--n-reference", type=_int_at_least(2), default=2000, help="real retained-class images for u-FID")
+    p.add_argument("--nll-images", type=_int_at_least(0), default=64, help="forget / retain test images for the NLL bound")
+    from .evaluation import EvalConfig
+    _add_config_args(p, EvalConfig)
     p = sub.add_parser("report", help="rewrite the README tables from results/ (vdu.report)")
     p.add_argument("--check", action="store_true", help="only check that the README tables match results/ (exit 1 if not)")
     a = ap.parse_args(argv)
+    if a.cmd == "unlearn" and a.method != method:
+        ap.error("--method must be given once")
 
     if a.cmd == "pretrain":
         from pathlib import Path
@@ -119,11 +196,65 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(model_card(a.model_dir, a.evaluator, n=a.n, ddim_steps=a.steps,
                                     nll_images=a.nll_images, notes=a.notes,
                                     command=" ".join(["python -m vdu"] + (argv or sys.argv[1:]))), indent=2))
+    elif a.cmd in ("unlearn", "evaluate"):
+        return _unlearn_or_evaluate(a, un if a.cmd == "unlearn" else None, ap)
     elif a.cmd == "report":
         from .report import main as report
         return report(check=a.check)
     return 0
 
+
+def _dataset_of(model: str, given: str | None) -> str:
+    from pathlib import Path
+    if given:
+        return given
+    tj = Path(model) / "train.json"
+    return json.loads(tj.read_text()).get("config", {}).get("dataset", "mnist") if tj.exists() else "mnist"
+
+
+def _unlearn_or_evaluate(a, parser, ap) -> int:
+    from pathlib import Path
+
+    from .data import class_split, load_dataset
+    from .models import ModelExistsError, load_model
+    dataset = _dataset_of(a.model, a.dataset)
+    unet, sched = load_model(a.model)
+    train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
+    if a.cmd == "evaluate":
+        from .evaluation import EvalConfig, evaluate
+        from .evaluator import load_evaluator
+        from .results import REPO
+        ev = load_evaluator(a.evaluator or REPO / "checkpoints" / dataset / "evaluator")
+        cfg = EvalConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(EvalConfig)})
+        data = None
+        if a.forget_class is not None:
+            data = class_split(train, test, a.forget_class, 1, n_reference=a.n_reference, nll_images=a.nll_images)
+        out, _ = evaluate(unet, sched, ev, cfg, data, nll=a.nll_images > 0, progress=True)
+        out = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in out.items() if k != "labels"}
+        print(json.dumps({"model": a.model, **out}, indent=2, default=float))
+        return 0
+    from .methods import get_method
+    from .unlearning import LoopConfig, unlearn
+    cls = get_method(a.method)
+    n_retain = a.n_retain if a.n_retain is not None else (2000 if "retain" in cls.needs else 0)
+    data = class_split(train, test, a.forget_class, a.n_forget, n_retain=n_retain, nll_images=0, seed=a.data_seed)
+    posterior = a.posterior
+    if posterior is None and getattr(a, "stability", None) == "posterior":
+        cand = Path(a.model) / "posterior.safetensors"
+        posterior = str(cand) if cand.exists() else None
+    opts = {f.name: getattr(a, f.name) for f in dataclasses.fields(LoopConfig)
+            if hasattr(a, f.name) and f.name not in ("save_to", "overwrite", "inplace", "device")}
+    opts.update({f.name: getattr(a, f.name) for f in dataclasses.fields(cls.Config) if hasattr(a, f.name)})
+    if opts.get("concepts") is not None:
+        opts["concepts"] = tuple(opts["concepts"])
+    try:
+        m = unlearn(unet, data, a.method, sched, posterior=posterior, save_to=a.out, overwrite=a.overwrite, **opts)
+    except ModelExistsError as e:
+        parser.error(f"{e} (on the command line: --overwrite)")
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    print(json.dumps({"saved": a.out, **m.unlearn_log.summary()}, indent=2, default=float))
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

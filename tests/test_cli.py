@@ -1,0 +1,66 @@
+"""The command line's unlearn and evaluate: flags generated from the loop's and each method's config (with
+their comments as help), a run on a tiny model folder that saves and reloads, and the same refusals as the API."""
+import json
+
+import pytest
+
+from conftest import tiny_unet
+from vdu.__main__ import main
+from vdu.methods import REGISTRY
+from vdu.models import build_scheduler, load_model, save_model
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_every_method_has_its_options_on_the_command_line(method, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["unlearn", "--method", method, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for f in REGISTRY[method].Config.__dataclass_fields__:
+        assert f"--{f.replace('_', '-')}" in text
+    assert "--stop-forget-ratio" in text and "--- " not in text
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    return save_model(tiny_unet(), build_scheduler(), tmp_path / "tiny")
+
+
+def test_unlearn_saves_a_model_that_loads_and_refuses_to_overwrite_it(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["unlearn", str(tiny_folder), "--method", "neggrad", "--forget-class", "1", "--n-forget", "8",
+            "--steps", "2", "--batch-size", "4", "--probe-every", "1", "--probe-size", "4", "--no-progress",
+            "--dataset", "mnist", "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps_done"] == 2 and summary["method"] == "neggrad"
+    load_model(out)
+    assert (out / "unlearn.json").exists()
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_unlearn_refuses_what_the_api_refuses(tiny_folder, tmp_path, capsys):
+    base = ["unlearn", str(tiny_folder), "--forget-class", "1", "--n-forget", "8", "--steps", "1", "--no-progress",
+            "--dataset", "mnist", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit):                       # an option of another method
+        main(base + ["--method", "neggrad", "--gamma", "0.5"])
+    assert "unrecognized arguments: --gamma" in capsys.readouterr().err
+    with pytest.raises(SystemExit):                       # a method that needs a conditional model
+        main(base + ["--method", "esd"])
+    assert "class-conditional" in capsys.readouterr().err
+    with pytest.raises(SystemExit):                       # a value the config refuses
+        main(base + ["--method", "vdu", "--stability", "function", "--gamma", "2"])
+    assert "gamma must be in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--method", "vdu", "--lr", "fast"])
+    assert "must be a number" in capsys.readouterr().err
+
+
+def test_evaluate_prints_the_metrics(tiny_folder, capsys):
+    assert main(["evaluate", str(tiny_folder), "--forget-class", "1", "--n-samples", "4", "--steps", "1",
+                 "--bootstrap", "10", "--fid-bootstrap", "0", "--nll-timesteps", "0", "--nll-images", "0",
+                 "--n-reference", "8", "--dataset", "mnist"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_samples"] == 4 and "forget_share" in out and "u_fid" in out
