@@ -295,7 +295,7 @@ CLI_ROWS = [
     (["pretrain", "--ema-decay", "1"], r"argument --ema-decay: ema_decay must be in \(0, 1\)"),
     (["pretrain", "--max-train", "3"], r"argument --max-train: max_train must be None .* >= batch_size \(64\)"),
     (["pretrain", "--dataset", "imagenet"], r"argument --dataset: dataset must be one of"),
-    (["pretrain", "--batch-size", "abc"], r"argument --batch-size: invalid int value: 'abc'"),
+    (["pretrain", "--batch-size", "abc"], r"argument --batch-size: must be an integer, got 'abc'"),
     (["card", "model", "--evaluator", "ev", "--n", "0"], r"argument --n: must be an integer >= 2, got 0"),
     (["card", "model", "--evaluator", "ev", "--steps", "0"], r"argument --steps: must be an integer >= 1, got 0"),
     (["card", "model", "--evaluator", "ev", "--nll-images", "-1"], r"argument --nll-images: must be an integer >= 1"),
