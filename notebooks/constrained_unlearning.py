@@ -131,7 +131,7 @@ from vdu.data import UnlearnData, class_split, load_dataset
 from vdu.evaluation import EvalConfig, evaluate, evaluate_prompts
 from vdu.evaluator import load_evaluator
 from vdu.experiments import unlearn_and_measure
-from vdu.models import load_model
+from vdu.models import load_model, null_class
 from vdu.notebook import check_params
 from vdu.results import REPO, machine, save_figure, write_results
 from vdu.unlearning import unlearn
@@ -158,6 +158,35 @@ before = prompts(unet_c, [concept])
 print(f"pretrained: prompt {concept} yields a {concept} in {before['summary'][f'forget_rate_{concept}']:.0%} of "
       f"{n_per_prompt} samples; retained prompts: label accuracy {before['summary']['label_accuracy']:.3f}, "
       f"domain FID {before['summary']['fid']:.2f} (mean over prompts)")
+
+# %% [markdown] tags=[]
+# ### The central computation, once by hand
+#
+# One batch of RU's primal step, written out: $x_t$ from partial DDIM sampling under the prompt, the frozen
+# model's two branches, the target for a guidance $\alpha$, and the constraint ratio $K/D_0$. For the
+# target itself the ratio is $(1+\alpha)^2$ exactly (2.9 in `docs/mathematics.md`); for the pretrained
+# model it is 0. `vdu.methods.ru` does this every step and moves $\alpha$ by the dual.
+
+# %% tags=[]
+from diffusers import DDIMScheduler
+
+ddim = DDIMScheduler.from_config(sched_c.config)
+ddim.set_timesteps(4)
+g = torch.Generator().manual_seed(seed)
+c = torch.full((8,), concept)
+null = torch.full_like(c, null_class(unet_c))
+with torch.no_grad():
+    x = torch.randn(8, 1, 28, 28, generator=g)
+    for t in ddim.timesteps[:2]:                          # stop after 2 of 4 DDIM steps: x_t of the prompt
+        x = ddim.step(unet_c(x, t, class_labels=c).sample, t, x).prev_sample
+    t = torch.full((8,), int(ddim.timesteps[2]))
+    e_c = unet_c(x, t, class_labels=c).sample             # eps_q(x_t, c)
+    e_u = unet_c(x, t, class_labels=null).sample          # eps_q(x_t, null)
+    alpha = 1.0
+    target = e_u + alpha * (e_u - e_c)                    # (2.3): ESD's target with eta = alpha
+    D0 = (e_u - e_c).pow(2).mean()
+    print(f"x_t at t = {int(t[0])}: D0 = {D0:.3e};  K/D0 for the target = {(target - e_c).pow(2).mean() / D0:.4f} "
+          f"(= (1 + alpha)^2 = {(1 + alpha) ** 2:g});  for the pretrained model = 0")
 
 # %% [markdown] tags=[]
 # ## 1 · Concept unlearning: RU against ESD's guidance sweep
