@@ -341,6 +341,27 @@ save_figure(fig, dataset, "constrained-vdu-gamma", profile)
 plt.show()
 
 # %% [markdown] tags=[]
+# ## Adapt this to your own model
+#
+# Any diffusers `UNet2DModel` with a class embedding whose last class is the null (unconditional) one
+# works: load it, pick the prompt, and choose how far from the concept its samples must move
+# ($\kappa$; 4 is where ESD's $\eta=1$ would land if the model could fit its target exactly). A few
+# concept images serve the loop's probe and divergence guard; RU itself trains on the prompt.
+#
+# ```python
+# from vdu.data import UnlearnData
+# from vdu.models import load_model
+# from vdu.unlearning import unlearn
+# unet, sched = load_model("path/to/your/model")           # save_pretrained layout
+# m = unlearn(unet, UnlearnData(my_images, forget_class=k), "ru", sched, kl_min=4.0, steps=100, lr=2e-5,
+#             save_to="runs/erased", progress=True)        # or concepts=(k1, k2): one multiplier each
+# m.unlearn_log.duals                                     # alpha and K / D0 per dual step
+# ```
+#
+# For VDU with its $\gamma$ from the constraint: `unlearn(unet, images, "vdu", sched, stability="function",
+# forget_ratio=1.3, steps=80, lr=3e-5)`.
+
+# %% [markdown] tags=[]
 # ## Targets and results file
 #
 # The concept targets (forget rate $\le5\%$, every retained prompt's label accuracy within 2 points and its
