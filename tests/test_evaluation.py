@@ -119,3 +119,20 @@ def test_samples_needed_resolves_99_from_95():
     assert samples_needed(0.05) == pytest.approx(2 * n, rel=0.01)       # half the share, twice the samples
     with pytest.raises(ValueError, match="other < pul"):
         samples_needed(0.1, pul=95, other=99)
+
+
+def test_evaluate_prompts_scores_every_prompt_and_zero_deviation_from_itself(small_data, evaluator):
+    from conftest import tiny_unet
+    from vdu.evaluation import EvalConfig, evaluate_prompts
+    from vdu.models import build_scheduler
+    unet = tiny_unet(conditional=True)
+    r = evaluate_prompts(unet, build_scheduler(), evaluator, EvalConfig(n_samples=4, steps=1, bootstrap=20),
+                         reference=small_data, erased=[3], teacher=unet, kl_images=small_data)
+    assert [p["prompt"] for p in r["prompts"]] == list(range(10))
+    assert [p["erased"] for p in r["prompts"]].count(True) == 1 and r["prompts"][3]["erased"]
+    assert all(p["kl"] == 0.0 for p in r["prompts"]) and all(p["fid"] >= 0 for p in r["prompts"])
+    assert r["summary"]["forget_rate_3"] == r["prompts"][3]["label_accuracy"]
+    lo, hi = r["prompts"][0]["label_accuracy_ci"]
+    assert lo <= r["prompts"][0]["label_accuracy"] <= hi
+    with pytest.raises(ValueError, match="class-conditional"):
+        evaluate_prompts(tiny_unet(), build_scheduler(), evaluator)
