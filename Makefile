@@ -6,7 +6,7 @@ PAPERMILL := $(PY) -m papermill --cwd notebooks --progress-bar
 
 # notebooks run per dataset by `make run-all` (each with notebooks/params/<notebook>-full.yaml)
 DATASETS ?= mnist gmm
-NB_mnist        := pretrain vdu_unlearning benchmark constrained_unlearning data_unlearning
+NB_mnist        := pretrain vdu_unlearning benchmark constrained_unlearning data_unlearning evaluation
 NB_cifar10      := pretrain
 NB_tinyimagenet := pretrain
 NB_gmm          := duality

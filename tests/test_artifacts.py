@@ -55,3 +55,14 @@ def test_quality_bar_rule():
     assert quality_bar(h)["met"]
     assert not quality_bar({**h, "confident_share": 0.85})["met"]
     assert not quality_bar({**h, "shares": [0.2] + [0.8 / 9] * 9})["met"]
+
+
+def test_second_evaluator_is_accurate_and_independent_of_the_first(evaluator, mnist_test):
+    from vdu.evaluator import load_evaluator
+    second = load_evaluator(CKPT / "evaluator-lenet")
+    card = json.loads((CKPT / "evaluator-lenet" / "card.json").read_text())
+    assert second.config["arch"] != evaluator.config.get("arch", "cnn") and card["outlier_exposure_weight"] == 0
+    x, y = mnist_test.images[:1000], mnist_test.labels[:1000]
+    p1, _ = evaluator.predict(x)
+    p2, _ = second.predict(x)
+    assert (p2 == y).float().mean() >= 0.98 and (p1 == p2).float().mean() >= 0.97

@@ -64,3 +64,13 @@ def test_evaluate_prints_the_metrics(tiny_folder, capsys):
                  "--n-reference", "8", "--dataset", "mnist"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n_samples"] == 4 and "forget_share" in out and "u_fid" in out
+
+
+def test_evaluate_scores_with_a_second_evaluator(tiny_folder, capsys, tmp_path):
+    from vdu.evaluator import Evaluator, save_evaluator
+    save_evaluator(Evaluator(1, 10, 28, width=4, arch="lenet"), tmp_path / "second")
+    assert main(["evaluate", str(tiny_folder), "--forget-class", "1", "--n-samples", "4", "--steps", "1",
+                 "--bootstrap", "10", "--fid-bootstrap", "0", "--nll-images", "0", "--n-reference", "8",
+                 "--dataset", "mnist", "--second-evaluator", str(tmp_path / "second")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0 <= out["label_agreement"] <= 1 and len(out["counts_second"]) == 10 and "labels_second" not in out

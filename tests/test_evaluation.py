@@ -136,3 +136,68 @@ def test_evaluate_prompts_scores_every_prompt_and_zero_deviation_from_itself(sma
     assert lo <= r["prompts"][0]["label_accuracy"] <= hi
     with pytest.raises(ValueError, match="class-conditional"):
         evaluate_prompts(tiny_unet(), build_scheduler(), evaluator)
+
+
+class _Merged(_Fixed):
+    """A second evaluator that disagrees in a known way: it reads bucket 4 as 3."""
+
+    def predict(self, x):
+        lab, conf = super().predict(x)
+        return torch.where(lab == 4, 3, lab), conf
+
+
+def test_second_evaluator_gives_its_own_pul_and_the_agreement():
+    ev, ev2 = _Fixed(), _Merged()
+    data = UnlearnData(_imgs([0.0]), forget_class=3)
+    # before: 4 in bucket 3, 2 in bucket 4, 4 in bucket 6; after: 1 in bucket 3, 2 in bucket 4, 7 in bucket 6
+    b = measure(ev, _imgs([-0.35] * 4 + [-0.15] * 2 + [0.25] * 4), data, second=ev2, bootstrap=200)
+    a = measure(ev, _imgs([-0.35] * 1 + [-0.15] * 2 + [0.25] * 7), data, before=b, second=ev2, bootstrap=200)
+    assert b["label_agreement"] == pytest.approx(0.8) and a["label_agreement"] == pytest.approx(0.8)
+    assert b["forget_share"] == pytest.approx(0.4) and b["forget_share_second"] == pytest.approx(0.6)
+    assert a["pul"] == pytest.approx(75.0) and a["pul_second"] == pytest.approx(50.0)   # (4-1)/4, (6-3)/6
+    lo, hi = a["pul_second_ci"]
+    assert lo <= 50.0 <= hi
+
+
+def test_pooled_pul_sums_the_seed_banks():
+    from vdu.evaluation import pooled_pul
+    ev, data = _Fixed(), UnlearnData(_imgs([0.0]), forget_class=3)
+    rows = []
+    for n0, n1 in ((4, 1), (6, 0)):           # two banks of 10 samples
+        b = measure(ev, _imgs([-0.35] * n0 + [0.25] * (10 - n0)), data)
+        a = measure(ev, _imgs([-0.35] * n1 + [0.25] * (10 - n1)), data, before=b)
+        rows.append({"before": b, "after": a})
+    p = pooled_pul(rows, 3)
+    assert p["pul"] == pytest.approx(90.0) and p["n_samples"] == 20 and p["forget_before"] == 10
+    assert p["pul_ci"][0] <= 90.0 <= p["pul_ci"][1]
+    assert pooled_pul(rows[:1], 3)["pul"] == pytest.approx(rows[0]["after"]["pul"])
+    with pytest.raises(ValueError, match="no class 7"):
+        pooled_pul(rows, 7)
+
+
+def test_compare_measures_both_models_on_the_same_noise_per_config():
+    from vdu.evaluation import compare, numbers_only
+    unet, sched = tiny_unet(), build_scheduler()
+    ev, data = _Fixed(), UnlearnData(_imgs([0.0]), forget_class=3)
+    cfgs = [EvalConfig(n_samples=6, steps=s, sampler=m, seed=b, bootstrap=50, fid_bootstrap=0)
+            for m, s, b in (("ddim", 1, 0), ("dpm", 2, 0), ("ddim", 1, 1))]
+    rows = compare(unet, unet, sched, ev, data, cfgs, second=_Merged())
+    assert [(r["sampler"], r["steps"], r["seed_bank"]) for r in rows] == [("ddim", 1, 0), ("dpm", 2, 0), ("ddim", 1, 1)]
+    for r in rows:   # the same model on the same noise: identical labels, by both evaluators
+        assert torch.equal(r["before"]["labels"], r["after"]["labels"])
+        assert torch.equal(r["before"]["labels_second"], r["after"]["labels_second"])
+        assert not any(torch.is_tensor(v) for v in numbers_only(r["after"]).values())
+
+
+def test_second_evaluator_architecture_trains_and_refuses_to_overwrite(tmp_path):
+    from vdu.evaluator import Evaluator, load_evaluator, train_evaluator
+    e = Evaluator(3, 10, 32, width=8, arch="lenet")
+    assert e.features(torch.zeros(2, 3, 32, 32)).shape == (2, 32) and e(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="arch must be one of"):
+        Evaluator(arch="vit")
+    card = train_evaluator("mnist", tmp_path / "e", epochs=1, max_train=2000, seed=1, oe_weight=0, arch="lenet",
+                           progress=False)
+    assert card["arch"] == "lenet" and card["test_accuracy"] > 0.3      # chance is 0.1
+    assert load_evaluator(tmp_path / "e").config["arch"] == "lenet"
+    with pytest.raises(FileExistsError, match="already holds an evaluator"):
+        train_evaluator("mnist", tmp_path / "e", epochs=1, max_train=64, progress=False)

@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--init", default=None, help="fine-tune this evaluator folder")
     p.add_argument("--lr", type=_positive_float, default=2e-3)
+    p.add_argument("--arch", default="cnn", choices=["cnn", "lenet"],
+                   help="cnn: the evaluator; lenet: the independent second evaluator (with --oe-weight 0)")
+    p.add_argument("--oe-weight", type=float, default=0.5, help="outlier-exposure weight (0: none)")
     p = sub.add_parser("card", help="evaluate a model and write card.json + samples.png (vdu.cards)")
     p.add_argument("model_dir")
     p.add_argument("--evaluator", required=True)
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("evaluate", help="sample a model and measure it against a forget class (vdu.evaluation)")
     p.add_argument("model")
     p.add_argument("--evaluator", default=None, help="evaluator folder (default: checkpoints/<dataset>/evaluator)")
+    p.add_argument("--second-evaluator", default=None,
+                   help="an independent evaluator scored beside the first (e.g. checkpoints/mnist/evaluator-lenet)")
     p.add_argument("--forget-class", type=int, default=None, help="class whose share (and u-FID reference) to measure")
     p.add_argument("--dataset", default=None)
     p.add_argument("--n-reference", type=_int_at_least(2), default=2000, help="real retained-class images for u-FID")
@@ -190,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "evaluator":
         from .evaluator import train_evaluator
         print(json.dumps(train_evaluator(a.dataset, a.out, epochs=a.epochs, seed=a.seed, init=a.init, lr=a.lr,
+                                                arch=a.arch, oe_weight=a.oe_weight,
                                                 command=" ".join(["python -m vdu"] + (argv or sys.argv[1:]))), indent=2))
     elif a.cmd == "card":
         from .cards import model_card
@@ -221,7 +227,7 @@ def _unlearn_or_evaluate(a, parser, ap) -> int:
     unet, sched = load_model(a.model)
     train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
     if a.cmd == "evaluate":
-        from .evaluation import EvalConfig, evaluate
+        from .evaluation import EvalConfig, evaluate, numbers_only
         from .evaluator import load_evaluator
         from .results import REPO
         ev = load_evaluator(a.evaluator or REPO / "checkpoints" / dataset / "evaluator")
@@ -229,8 +235,9 @@ def _unlearn_or_evaluate(a, parser, ap) -> int:
         data = None
         if a.forget_class is not None:
             data = class_split(train, test, a.forget_class, 1, n_reference=a.n_reference, nll_images=a.nll_images)
-        out, _ = evaluate(unet, sched, ev, cfg, data, nll=a.nll_images > 0, progress=True)
-        out = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in out.items() if k != "labels"}
+        second = load_evaluator(a.second_evaluator) if a.second_evaluator else None
+        out, _ = evaluate(unet, sched, ev, cfg, data, nll=a.nll_images > 0, progress=True, second=second)
+        out = numbers_only(out)
         print(json.dumps({"model": a.model, **out}, indent=2, default=float))
         return 0
     from .methods import get_method

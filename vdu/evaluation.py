@@ -40,8 +40,8 @@ class EvalConfig:
 
 
 def evaluate(model, scheduler, evaluator, config: EvalConfig | None = None, data=None, before: dict | None = None,
-             nll: bool = True, class_labels=None, progress: bool = False, samples: torch.Tensor | None = None
-             ) -> tuple[dict, torch.Tensor]:
+             nll: bool = True, class_labels=None, progress: bool = False, samples: torch.Tensor | None = None,
+             second=None) -> tuple[dict, torch.Tensor]:
     """Sample ``model`` with ``config`` and measure it; returns (numbers, samples).
 
     ``data`` (a :class:`vdu.data.UnlearnData`) supplies the forget class (forget share; PUL when ``before``
@@ -49,11 +49,12 @@ def evaluate(model, scheduler, evaluator, config: EvalConfig | None = None, data
     (a class-conditional model's NLL bound is its unconditional one, under the null class).
     ``numbers["labels"]`` holds the evaluator labels (what PUL of later models is counted against).
     ``samples``: this config's samples of ``model``, drawn earlier (they do not depend on the forget class,
-    so one draw of the pretrained model serves every class)."""
+    so one draw of the pretrained model serves every class). ``second``: an independent evaluator scored
+    beside the first (:func:`measure`)."""
     cfg = config if config is not None else EvalConfig()
     x = samples if samples is not None else cfg.sample(model, scheduler, class_labels, progress)
     out = {"n_samples": len(x), "sampler": cfg.sampler, "ddim_steps": cfg.steps, "seed_bank": cfg.seed,
-           **measure(evaluator, x, data, before, cfg.bootstrap, cfg.fid_bootstrap, cfg.seed)}
+           **measure(evaluator, x, data, before, cfg.bootstrap, cfg.fid_bootstrap, cfg.seed, second)}
     if nll and cfg.nll_timesteps > 0 and data is not None:
         null = null_class(model)            # conditional models: the unconditional (null-class) likelihood
         for key, imgs in (("forget_nll", data.nll_forget), ("retain_nll", data.nll_retain)):
@@ -65,7 +66,7 @@ def evaluate(model, scheduler, evaluator, config: EvalConfig | None = None, data
 
 
 def measure(evaluator, x: torch.Tensor, data=None, before: dict | None = None, bootstrap: int = 0,
-            fid_bootstrap: int = 0, seed: int = 0) -> dict:
+            fid_bootstrap: int = 0, seed: int = 0, second=None) -> dict:
     """The sample metrics of :func:`evaluate` on given samples ``x``: confident share and class counts; with
     ``data.forget_class`` the forget share (and PUL against ``before["labels"]``); with ``data.reference``
     u-FID. Non-finite samples raise (they cannot be scored).
@@ -73,7 +74,11 @@ def measure(evaluator, x: torch.Tensor, data=None, before: dict | None = None, b
     With ``bootstrap`` > 0 every number also gets a 95% percentile interval (``<name>_ci``): the shares
     by resampling the samples; PUL by a *paired* bootstrap (the same resampled seed-bank indices before
     and after, since both sample sets come from the same noise); u-FID by resampling the samples'
-    evaluator features against the fixed reference (``fid_bootstrap`` resamples)."""
+    evaluator features against the fixed reference (``fid_bootstrap`` resamples).
+
+    ``second``: an independent evaluator, as a cross-check: its labels (``labels_second``), forget share and
+    PUL (``*_second``, against ``before["labels_second"]``, on the same bootstrap indices) and the share of
+    samples on which the two evaluators agree (``label_agreement``)."""
     if not torch.isfinite(x).all():
         raise FloatingPointError("non-finite samples cannot be scored: the model has diverged")
     h = class_histogram(evaluator, x)
@@ -83,20 +88,13 @@ def measure(evaluator, x: torch.Tensor, data=None, before: dict | None = None, b
     idx = torch.randint(0, len(x), (bootstrap, len(x)), generator=g) if bootstrap else None
     if idx is not None:
         out["confident_share_ci"] = _percentiles((h["confidence"] >= CONFIDENT).float()[idx].mean(1))
-    if c is not None:
-        out["forget_share"] = h["shares"][c]
-        if idx is not None:
-            out["forget_share_ci"] = _percentiles((h["labels"] == c).float()[idx].mean(1))
-        if before is not None:
-            try:
-                out["pul"] = pul(before["labels"], h["labels"], c)
-            except ValueError:
-                out["pul"] = float("nan")
-            if idx is not None and len(before["labels"]) == len(x):
-                n0 = (before["labels"] == c).float()[idx].sum(1)
-                n1 = (h["labels"] == c).float()[idx].sum(1)
-                ok = n0 > 0
-                out["pul_ci"] = _percentiles(((n0 - n1) / n0.clamp_min(1) * 100)[ok]) if ok.any() else None
+    out.update(_class_numbers(h["labels"], c, before, idx, ""))
+    if second is not None:
+        h2 = class_histogram(second, x)
+        out.update(labels_second=h2["labels"], counts_second=h2["counts"],
+                   confident_share_second=h2["confident_share"],
+                   label_agreement=(h2["labels"] == h["labels"]).float().mean().item())
+        out.update(_class_numbers(h2["labels"], c, before, idx, "_second"))
     if getattr(data, "reference", None) is not None:
         out["u_fid"] = domain_fid(evaluator, x, data.reference)
         out["u_fid_reference"] = len(data.reference)
@@ -105,6 +103,33 @@ def measure(evaluator, x: torch.Tensor, data=None, before: dict | None = None, b
     if bootstrap:
         out["n_bootstrap"] = bootstrap
     return out
+
+
+def _class_numbers(labels: torch.Tensor, c, before: dict | None, idx, suffix: str) -> dict:
+    """Forget share and PUL of one evaluator's ``labels`` (keys end in ``suffix``), with intervals on the
+    bootstrap indices ``idx`` (paired with ``before["labels" + suffix]`` for PUL)."""
+    if c is None:
+        return {}
+    out = {f"forget_share{suffix}": (labels == c).float().mean().item()}
+    if idx is not None:
+        out[f"forget_share{suffix}_ci"] = _percentiles((labels == c).float()[idx].mean(1))
+    prev = None if before is None else before.get("labels" + suffix)
+    if prev is not None:
+        try:
+            out[f"pul{suffix}"] = pul(prev, labels, c)
+        except ValueError:
+            out[f"pul{suffix}"] = float("nan")
+        if idx is not None and len(prev) == len(labels):
+            n0 = (prev == c).float()[idx].sum(1)
+            n1 = (labels == c).float()[idx].sum(1)
+            ok = n0 > 0
+            out[f"pul{suffix}_ci"] = _percentiles(((n0 - n1) / n0.clamp_min(1) * 100)[ok]) if ok.any() else None
+    return out
+
+
+def numbers_only(numbers: dict) -> dict:
+    """``numbers`` without the per-sample label tensors (what a results file or a log keeps)."""
+    return {k: v for k, v in numbers.items() if not torch.is_tensor(v)}
 
 
 def _percentiles(v: torch.Tensor, level: float = 0.95) -> list[float]:
@@ -207,3 +232,37 @@ def evaluate_prompts(model, scheduler, evaluator, config: EvalConfig | None = No
     summary.update({f"forget_rate_{p['prompt']}": p["label_accuracy"] for p in prompts if p["erased"]})
     return {"sampler": cfg.sampler, "steps": cfg.steps, "seed_bank": cfg.seed, "n_per_prompt": cfg.n_samples,
             "prompts": prompts, "summary": summary}
+
+
+def compare(before_model, after_model, scheduler, evaluator, data, configs, second=None,
+            progress: bool = False) -> list[dict]:
+    """The original and an unlearned model measured side by side under each :class:`EvalConfig` of ``configs``
+    (other seed banks, samplers or step counts: how much a reported number depends on them). Per config a
+    row ``{"sampler", "steps", "seed_bank", "n_samples", "before", "after"}``; ``after`` holds PUL against
+    ``before`` on the same noise, with intervals, and with ``second`` the independent evaluator's numbers.
+    The label tensors stay in the rows (``labels``, ``labels_second``) for :func:`pooled_pul`;
+    :func:`numbers_only` drops them for a results file."""
+    rows = []
+    for cfg in configs:
+        b, _ = evaluate(before_model, scheduler, evaluator, cfg, data, nll=False, progress=progress, second=second)
+        a, _ = evaluate(after_model, scheduler, evaluator, cfg, data, before=b, nll=False, progress=progress,
+                        second=second)
+        rows.append({"sampler": cfg.sampler, "steps": cfg.steps, "seed_bank": cfg.seed, "n_samples": cfg.n_samples,
+                     "before": b, "after": a})
+    return rows
+
+
+def pooled_pul(rows: list[dict], forget_class: int, suffix: str = "", bootstrap: int = 1000, seed: int = 0) -> dict:
+    """PUL over the union of several rows of :func:`compare` (e.g. seed banks): forget-class counts summed
+    over the rows, with a paired bootstrap interval that resamples the pooled sample indices; ``suffix``
+    ``"_second"`` pools the second evaluator's labels."""
+    l0 = torch.cat([r["before"]["labels" + suffix] for r in rows]) == forget_class
+    l1 = torch.cat([r["after"]["labels" + suffix] for r in rows]) == forget_class
+    n0, n1 = int(l0.sum()), int(l1.sum())
+    if n0 == 0:
+        raise ValueError(f"the original samples contain no class {forget_class}: PUL is undefined")
+    idx = torch.randint(0, len(l0), (bootstrap, len(l0)), generator=torch.Generator().manual_seed(seed + 99991))
+    b0, b1 = l0.float()[idx].sum(1), l1.float()[idx].sum(1)
+    ok = b0 > 0
+    return {"pul": (n0 - n1) / n0 * 100.0, "pul_ci": _percentiles(((b0 - b1) / b0.clamp_min(1) * 100)[ok]),
+            "n_samples": len(l0), "forget_before": n0, "forget_after": n1}

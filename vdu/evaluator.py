@@ -21,16 +21,32 @@ def _block(i, o):
     return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
 
 
-class Evaluator(nn.Module):
-    """conv32x2 - pool - conv64x2 - pool - conv128 - global average pool (features) - linear."""
+ARCHS = ("cnn", "lenet")
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: int = 32):
+
+class Evaluator(nn.Module):
+    """``arch="cnn"`` (the evaluator): conv32x2 - pool - conv64x2 - pool - conv128 - global average pool
+    (features) - linear. ``arch="lenet"`` (the independent cross-check): 5x5 conv - pool - 5x5 conv - pool -
+    fully connected ``4 * width`` (features) - linear; no batch norm, no global pooling, so it does not
+    share the first one's inductive biases."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: int = 32,
+                 arch: str = "cnn"):
         super().__init__()
-        self.config = dict(in_channels=in_channels, num_classes=num_classes, image_size=image_size, width=width)
+        if arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+        self.config = dict(in_channels=in_channels, num_classes=num_classes, image_size=image_size, width=width,
+                           arch=arch)
         w = width
-        self.body = nn.Sequential(*_block(in_channels, w), *_block(w, w), nn.MaxPool2d(2),
-                                  *_block(w, 2 * w), *_block(2 * w, 2 * w), nn.MaxPool2d(2),
-                                  *_block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        if arch == "cnn":
+            self.body = nn.Sequential(*_block(in_channels, w), *_block(w, w), nn.MaxPool2d(2),
+                                      *_block(w, 2 * w), *_block(2 * w, 2 * w), nn.MaxPool2d(2),
+                                      *_block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        else:
+            side = ((image_size - 4) // 2 - 4) // 2
+            self.body = nn.Sequential(nn.Conv2d(in_channels, w, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                                      nn.Conv2d(w, 2 * w, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Flatten(),
+                                      nn.Linear(2 * w * side * side, 4 * w), nn.ReLU(inplace=True))
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * w, num_classes))
         self.num_features = 4 * w
 
@@ -126,11 +142,19 @@ def accuracy(model: Evaluator, data) -> float:
 
 def train_evaluator(dataset: str, out: str | os.PathLike | None = None, epochs: int = 3, batch_size: int = 128,
                     lr: float = 2e-3, seed: int = 0, data_root=None, max_train: int | None = None,
-                    device=None, progress: bool = True, command: str = "", oe_weight: float = 0.5, init: str | None = None) -> dict:
+                    device=None, progress: bool = True, command: str = "", oe_weight: float = 0.5, init: str | None = None,
+                    arch: str = "cnn") -> dict:
     """Train the evaluator of ``dataset`` (AdamW, one-cycle LR, shift augmentation, outlier exposure
     so that noise, blank and blended images get low confidence); returns its card. ``init``
-    fine-tunes an existing evaluator folder instead of starting from scratch."""
+    fine-tunes an existing evaluator folder instead of starting from scratch. The second, independent
+    evaluator: ``arch="lenet"``, another seed and ``oe_weight=0`` (no outlier exposure)."""
     spec = check_dataset(dataset)
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if not oe_weight >= 0:
+        raise ValueError(f"oe_weight must be >= 0, got {oe_weight!r}")
+    if out is not None and (Path(out) / "model.safetensors").exists() and (init is None or Path(init) != Path(out)):
+        raise FileExistsError(f"{out} already holds an evaluator; choose another --out (or fine-tune it with --init {out})")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     train, test = load_dataset(dataset, "train", data_root), load_dataset(dataset, "test", data_root)
@@ -138,7 +162,7 @@ def train_evaluator(dataset: str, out: str | os.PathLike | None = None, epochs: 
         train = train.take(max_train, seed=seed)
     c, s, _ = spec["shape"]
     model = load_evaluator(init, device) if init else \
-        Evaluator(c, len(train.classes), s, width=32 if dataset == "mnist" else 64).to(device)
+        Evaluator(c, len(train.classes), s, width=32 if dataset == "mnist" else 64, arch=arch).to(device)
     model.train()
     history = json.loads((Path(init) / "card.json").read_text()) if init and (Path(init) / "card.json").exists() else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
@@ -155,11 +179,12 @@ def train_evaluator(dataset: str, out: str | os.PathLike | None = None, epochs: 
             if c == 3 and torch.rand((), generator=gen) < 0.5:
                 x = x.flip(3)
             y = train.labels[idx]
-            ood = outliers(x[: len(x) // 4], y[: len(x) // 4], gen)
+            ood = outliers(x[: len(x) // 4], y[: len(x) // 4], gen) if oe_weight > 0 else x[:0]
             logits = model(torch.cat([x, ood]).to(device))
             # cross-entropy on real images + outlier exposure (uniform target on non-images)
-            loss = F.cross_entropy(logits[: len(x)], y.to(device)) \
-                - oe_weight * F.log_softmax(logits[len(x):], 1).mean()
+            loss = F.cross_entropy(logits[: len(x)], y.to(device))
+            if oe_weight > 0:
+                loss = loss - oe_weight * F.log_softmax(logits[len(x):], 1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -170,7 +195,7 @@ def train_evaluator(dataset: str, out: str | os.PathLike | None = None, epochs: 
     model.eval()
     from .results import machine
     card = {"command": command, "machine": machine(), "init": history, "dataset": dataset, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "train_images": len(train), "test_accuracy": round(accuracy(model, test), 5),
+            "arch": model.config["arch"], "train_images": len(train), "test_accuracy": round(accuracy(model, test), 5),
             "test_images": len(test), "outlier_exposure_weight": oe_weight,
             "confident_share_test": round((model.predict(test.images)[1] >= 0.9).float().mean().item(), 4),
             "confident_share_uniform_noise": round((model.predict(outliers(test.images[:300], test.labels[:300],

@@ -128,7 +128,44 @@ def data(root: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-TABLES = {"duality": duality, "constrained": constrained, "data": data}
+def evaluation(root: Path) -> str:
+    d = _load("results/mnist/evaluation.json", root)
+    if d is None:
+        return "_results/mnist/evaluation.json not written yet (`make run-all`)._\n"
+    c, ts = d["forget_class"], d["table_sampler"]
+
+    def pul(r, suffix=""):
+        v = r.get("pul" + suffix)
+        return "undefined" if v is None or v != v else _ci(v, r.get(f"pul{suffix}_ci"), "{:.1f}")
+
+    o = d["options"]
+    out = [f"`{d['model']}`, forget class {c}, `{d['method']}` ({o.get('stability')} stability, gamma {o.get('gamma')}, "
+           f"lr {o.get('lr'):g}, {d['n_forget']} forget images): stopped after {d['unlearn']['steps']} steps "
+           f"({d['unlearn']['stop']}). {d['n_samples']} samples per bank and model; intervals: paired bootstrap, "
+           f"{d['bootstrap']} resamples. Second evaluator: `{d['second_evaluator']}`.", "",
+           f"| seed bank ({ts[0]} {ts[1]}) | class-{c} samples before → after | PUL % [95% CI] | PUL %, second "
+           f"evaluator | label agreement |", "|---|---|---|---|---|"]
+    for r in d["seed_banks"]:
+        b, a = r["before"], r["after"]
+        out.append(f"| {r['seed_bank']} | {b['counts'][c]} → {a['counts'][c]} | {pul(a)} | {pul(a, '_second')} | "
+                   f"{b['label_agreement']:.3f} |")
+    p, p2 = d["pooled"], d["pooled_second"]
+    out.append(f"| **pooled** ({p['n_samples']} samples) | {p['forget_before']} → {p['forget_after']} | "
+               f"**{_ci(p['pul'], p['pul_ci'], '{:.1f}')}** | {_ci(p2['pul'], p2['pul_ci'], '{:.1f}')} | |")
+    out += ["", "| sampler (bank 0) | forget share before | PUL % [95% CI] | PUL %, second evaluator | u-FID before "
+            "| u-FID after | ratio |", "|---|---|---|---|---|---|---|"]
+    for r in d["sampler"]:
+        b, a = r["before"], r["after"]
+        out.append(f"| {r['sampler']} {r['steps']} | {_ci(b['forget_share'], b.get('forget_share_ci'), '{:.3f}')} | "
+                   f"{pul(a)} | {pul(a, '_second')} | {_ci(b['u_fid'], b.get('u_fid_ci'))} | "
+                   f"{_ci(a['u_fid'], a.get('u_fid_ci'))} | {r['u_fid_ratio']:.2f} |")
+    out += ["", "Samples per model for a PUL to exclude its neighbour at this forget share: " + "; ".join(
+        f"{b['pul']:.0f}% vs {b['other']:.0f}%: {b['samples']:,}" for b in d["budget"]) + ".",
+            "", f"{d['machine']}, notebook {d['wall_time_s'] / 60:.0f} min, written {d['written']}."]
+    return "\n".join(out) + "\n"
+
+
+TABLES = {"duality": duality, "constrained": constrained, "data": data, "evaluation": evaluation}
 
 
 def render(text: str, root: Path = REPO) -> str:
