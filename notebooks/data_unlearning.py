@@ -173,9 +173,7 @@ rows = []
 
 def run(name, e, **extra):
     opts = {k: v for k, v in e.items() if k not in ("method", "sweep")}
-    opts.update(extra)
-    if e["method"] == "fu" and opts.get("dual_lr", 1) == 0 and "lam_max" in opts:
-        opts["lam0"] = opts["lam_max"]              # fixed weight at the box's edge
+    opts.update(extra)                              # FU with dual_lr 0 holds lambda at lam_max: a fixed weight
     t0 = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -201,3 +201,12 @@ def test_a_fixed_multiplier_at_the_boundary_is_not_reported_infeasible():
     log = out.unlearn_log
     assert log.stop_reason == "max_steps" and log.steps_done == 8
     assert np.allclose(log.duals[-1]["lam_over_w"], 3.0)
+
+
+def test_fu_without_lam0_starts_at_zero_or_at_the_fixed_weight():
+    unet, sched = tiny_unet(), build_scheduler()
+    kw = dict(**{**LOOP, "steps": 2, "probe_every": 0}, forget_ratio=1.0, lam_max=3.0, dual_every=1)
+    fixed = unlearn(unet, _data(), "fu", sched, **kw, dual_lr=0.0).unlearn_log.duals[-1]["lam_over_w"]
+    assert np.allclose(fixed, 3.0)                       # dual lr 0: a fixed weight, at lam_max
+    ascent = unlearn(unet, _data(), "fu", sched, **kw, dual_lr=1e-9).unlearn_log.duals[0]["lam_over_w"]
+    assert np.allclose(ascent, 0.0, atol=1e-6)            # dual ascent starts at lambda 0 (no push yet)

@@ -43,7 +43,7 @@ class FUConfig:
     dual_lr: float = 0.01        # step of the projected dual ascent on lambda, per unit of the ratio
     dual_every: int = 5          # primal steps per dual step (the paired ratio is summed over them)
     lam_max: float = 1.0         # box of lambda_i as a multiple of w_i (1: FU's dual domain; > 1 leaves it)
-    lam0: float = 0.0            # initial lambda_i as a multiple of w_i (with dual_lr 0: a fixed weight)
+    lam0: float | None = None    # initial lambda_i / w_i; None: 0, or lam_max when dual_lr is 0 (a fixed weight there)
     patience: int = 20           # dual steps at the box's edge with the constraint violated before "infeasible"
 
 
@@ -72,9 +72,10 @@ class FU(Method):
             raise ValueError(f"groups ({c.groups}) cannot exceed the {len(data.forget)} forget images")
         self.m = c.groups
         self.w = np.full(self.m, c.forget_mass / self.m)
-        if not (isinstance(c.lam0, (int, float)) and 0.0 <= c.lam0 <= c.lam_max):
+        lam0 = (c.lam_max if c.dual_lr == 0 else 0.0) if c.lam0 is None else c.lam0
+        if isinstance(lam0, bool) or not (isinstance(lam0, (int, float)) and 0.0 <= lam0 <= c.lam_max):
             raise ValueError(f"lam0 must be in [0, lam_max = {c.lam_max}], got {c.lam0!r}")
-        self.dual = DualAscent(DualDomain("fu", self.m, cap=c.lam_max * self.w), c.dual_lr, 1, c.lam0 * self.w,
+        self.dual = DualAscent(DualDomain("fu", self.m, cap=c.lam_max * self.w), c.dual_lr, 1, lam0 * self.w,
                                c.patience)
         self._num, self._den = np.zeros(self.m), np.zeros(self.m)
 
