@@ -307,6 +307,18 @@ for kind in models:
     fig.suptitle(f"{kind}: forget class {first_class}", fontsize=9)
     save_figure(fig, dataset, f"benchmark-samples-{kind}", profile)
 
+# %% [markdown] tags=[]
+# ## Adapt this: your own method in the table
+#
+# A method is one small module under `vdu/methods/` (its `Config` dataclass, the data it `needs` and a
+# `loss` on a batch) plus one name in `vdu.methods.REGISTRY`; the loop, the evaluation and this table
+# come for free. Add it to `entries` in the parameters (or `params/benchmark-full.yaml`):
+#
+# ```python
+# entries["my-method"] = dict(method="my-method", lr=1e-5, my_strength=0.5, models=["uncond", "cond"])
+# pareto["my-method"] = [1.1, 1.3]                # its Pareto curve over the stop rule's forget-loss ratio
+# ```
+
 # %% tags=[]
 numbers = {"models": models, "entries": entries, "loop": loop, "target": target,
            "evaluation": {"samples": n_samples, "sampler": f"DDIM {sample_steps}", "seed_bank": seed,

@@ -239,6 +239,25 @@ print(f"forget_ratio {infeasible['forget_ratio']:g}: stop reason {m_inf.unlearn_
 print(" ", m_inf.unlearn_log.events[-1] if m_inf.unlearn_log.events else "(no event)")
 
 # %% [markdown] tags=[]
+# ## Adapt this to your own images
+#
+# FU needs the images to forget, some images to keep and the share $w$ the forget images had in the
+# pretrained model's training data; one multiplier per image says which ones were hard to forget:
+#
+# ```python
+# from vdu.data import UnlearnData
+# from vdu.unlearning import unlearn
+# data = UnlearnData(my_forget_images, retain=some_training_images)      # (N, C, H, W) in [-1, 1]
+# m = unlearn(unet, data, "fu", sched, forget_mass=len(my_forget_images) / n_training_images,
+#             forget_ratio=1.5, groups=len(my_forget_images), dual_lr=0.05, lr=3e-5, steps=100)
+# m.unlearn_log.duals[-1]["lam_over_w"]                                  # per image: 1.0 = as far as retraining
+# ```
+#
+# A `forget_ratio` beyond what retraining reaches stops with `stop_reason == "infeasible"`. Without retain
+# data, `"vdu"` with `stability="function"` and `forget_ratio` is the forget-only choice. To check the result
+# on memorised images, `vdu.canaries.evaluate_canaries` measures the mark rate and the membership gap.
+
+# %% [markdown] tags=[]
 # ## Targets and results file
 #
 # A method meets the canary targets when its mark rate is at most 10% of the canary model's, its FID at

@@ -219,6 +219,23 @@ for p, other in ((99.0, 95.0), (95.0, 90.0), (90.0, 80.0)):
     budget.append({"pul": p, "other": other, "samples": need, "banks": -(-need // n_samples)})
     print(f"PUL {p:.0f}% vs {other:.0f}% at forget share {share:.3f}: {need} samples ({-(-need // n_samples)} banks of {n_samples})")
 
+# %% [markdown] tags=[]
+# ## Adapt this to your own model
+#
+# Any pair of models (the pretrained one and its unlearned copy) on the same schedule:
+#
+# ```python
+# from vdu.evaluation import EvalConfig, compare, pooled_pul
+# rows = compare(pretrained, unlearned, sched, evaluator, class_split(train, test, k, n_reference=2000),
+#                [EvalConfig(500, "ddim", 20, bank) for bank in range(4)], second=second_evaluator)
+# pooled_pul(rows, k)                                             # PUL over 2,000 samples, with its interval
+# ```
+#
+# or on the command line `python -m vdu evaluate <model> --forget-class k --n-samples 2000
+# --second-evaluator checkpoints/<dataset>/evaluator-lenet`. For another dataset, train both evaluators
+# first: `python -m vdu evaluator --dataset <name> --out ...` and the same with `--arch lenet --seed 1
+# --oe-weight 0`.
+
 # %% tags=[]
 wall = time.time() - t_start
 results = {

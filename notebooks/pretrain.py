@@ -132,6 +132,27 @@ if (model_path / "posterior.safetensors").exists():
     print(f"posterior: K={post['k']} ({post['method']}), median sigma* = {10 ** std.median().item():.2e}")
 
 # %% [markdown] tags=[]
+# ### The central computation, once by hand: $L_\text{simple}$ on one batch
+#
+# Draw $t$ and $\epsilon$ per image, noise the images with the forward process, ask the network for the
+# noise, and average the squared error over images and pixels; `vdu.diffusion.noise_prediction_error` is the
+# library's version of the same three lines (what pretraining minimises and every unlearning method starts from).
+
+# %% tags=[]
+from vdu.diffusion import noise_prediction_error
+
+g = torch.Generator().manual_seed(seed)
+x0 = test.images[:8]
+t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=g)
+eps = torch.randn(x0.shape, generator=g)
+abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+with torch.no_grad():
+    xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps               # forward process
+    l_simple = (eps - unet(xt, t).sample).pow(2).mean()             # L_simple
+    lib = noise_prediction_error(unet, sched, x0, t=t, eps=eps)[0].mean()
+print(f"L_simple by hand {l_simple:.6f}, by vdu.diffusion {lib:.6f}; equal: {torch.allclose(l_simple, lib, rtol=1e-5)}")
+
+# %% [markdown] tags=[]
 # ## The evaluator
 # A small CNN trained on the real training set (with outlier exposure, so noise, blank and blended
 # images get low confidence). Its penultimate features give the *domain* FID/KID (no Inception
@@ -179,6 +200,24 @@ print(f"bits/dim: test images {metrics['bits_per_dim']['mean']:.3f}, uniform noi
 # %% tags=[]
 # NBVAL_CHECK_OUTPUT
 print("test images are more likely than noise:", metrics["bits_per_dim"]["mean"] < noise_bpd)
+
+# %% [markdown] tags=[]
+# ## Adapt this to your own data
+#
+# Any image set in $[-1,1]$ works; `vdu.data` reads `.npz` files, a local torchvision root or an
+# ImageFolder tree (README, "Your own data or model"). The few lines to change:
+#
+# ```python
+# from vdu.data import from_image_folder
+# from vdu.training import TrainConfig, pretrain
+# data = from_image_folder("path/to/train", size=32)              # or load_dataset(name, root=...)
+# cfg = TrainConfig(dataset="cifar10", steps=20000, out="runs/my-ddpm", k_snapshots=5, snapshot_every=500)
+# model_dir = pretrain(cfg, data=data)                           # resumable: rerun the same line after a crash
+# ```
+#
+# then `python -m vdu evaluator --dataset cifar10 --out checkpoints/cifar10/evaluator` for the evaluator,
+# `python -m vdu posterior <model> --run-dir runs/my-ddpm` for VDU's posterior and `python -m vdu card
+# <model> --evaluator ...` for its card.
 
 # %% tags=[]
 out = write_results(dataset, "pretrain", {

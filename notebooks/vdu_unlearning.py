@@ -199,6 +199,36 @@ for r in scale_rows:
           f"|dB| = {r['grad_B']:.2e}")
 
 # %% [markdown] tags=[]
+# ### The central computation, once by hand
+#
+# On 8 forget images, with one drawn $t$ and $\epsilon$ per image: the forward process
+# $x_t=\sqrt{\bar\alpha_t}\,x_0+\sqrt{1-\bar\alpha_t}\,\epsilon$, then
+# $A=-\frac1{bD}\sum_i\|\epsilon_i-\epsilon_\theta(x_{t_i},t_i)\|^2$ ($C_t=1$, "mean" normalisation) and
+# $B=\frac1P\sum_j(\theta_j-\mu^*_j)^2/(2\sigma^{*2}_j)$ (centre: the checkpoint mean, so $B>0$ at $\theta^*$),
+# and $L=\gamma B+(1-\gamma)A$. The library's `vdu_loss` on the same $t$ and $\epsilon$ gives the same numbers.
+
+# %% tags=[]
+from vdu.methods.vdu import StabilityRegularizer, vdu_loss
+
+g = torch.Generator().manual_seed(seed)
+x0 = x_forget[:8]
+t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=g)
+eps = torch.randn(x0.shape, generator=g)
+abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps                        # forward process
+with torch.no_grad():
+    A = -(eps - unet(xt, t).sample).pow(2).mean()                      # plasticity inducer
+    params = dict(unet.named_parameters())
+    B = sum(((params[n] - posterior["mean"][n]).pow(2) / (2 * posterior["var"][n].clamp_min(1e-8))).sum()
+            for n in posterior["mean"]) / sum(p.numel() for p in params.values())   # stability regularizer
+    gamma_by_hand = 0.5
+    L = gamma_by_hand * B + (1 - gamma_by_hand) * A
+    lib = vdu_loss(unet, sched, x0, StabilityRegularizer(unet, posterior, center="mean"), gamma_by_hand, t=t, eps=eps)
+print(f"by hand: A = {A:+.6f}, B = {B:.6f}, L = {L:+.6f}")
+print(f"vdu_loss: A = {lib['A']:+.6f}, B = {lib['B']:.6f}, L = {lib['loss']:+.6f}")
+print("identical:", all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in ((A, lib["A"]), (B, lib["B"]), (L, lib["loss"]))))
+
+# %% [markdown] tags=[]
 # With `"mean"` normalisation and the centre at θ*, B and its gradient vanish at the start, and a
 # parameter drifting by δ feels a pull `γ δ / (P σ*²)` against A's push `(1 − γ) |∂A/∂θ|`: B binds once
 # the drift reaches roughly `(1 − γ)/γ · P σ*² |∂A/∂θ|` — about `6e-5 (1 − γ)/γ` per weight here. AdamW moves
@@ -385,6 +415,26 @@ for k in ks:
     k_sweep.append({**r, "K": k, "gamma": k_gamma, "posterior": "continuations", "median_sigma":
                     torch.cat([v.sqrt().flatten() for v in pk["var"].values()]).median().item()})
     show(r)
+
+# %% [markdown] tags=[]
+# ## Adapt this to your own class or images
+#
+# The forget set is all the method sees; the pretrained model is its own reference. To forget another
+# class, or your own images, with the function-space variant and the stop rule:
+#
+# ```python
+# from vdu.models import load_model
+# from vdu.unlearning import unlearn
+# unet, sched = load_model("path/to/your/ddpm")                  # save_pretrained layout
+# m = unlearn(unet, my_forget_images, "vdu", sched, stability="function", gamma=0.8, lr=3e-5, steps=80,
+#             stop_forget_ratio=1.3, save_to="runs/forgotten", progress=True)   # (N, C, H, W) in [-1, 1]
+# m.unlearn_log.stop_reason                                      # "stop_rule", "max_steps", "diverged", ...
+# ```
+#
+# The paper's parameter-space B needs the K-checkpoint posterior of your model (`python -m vdu posterior
+# <model> --run-dir <its training run>`), passed as `posterior="<model>/posterior.safetensors"` with
+# `stability="posterior"`. `forget_ratio=1.3` instead of the stop rule sets $\gamma$ by the likelihood
+# constraint (`constrained_unlearning`). Measure the result with `vdu.evaluation.compare` (`evaluation`).
 
 # %% [markdown] tags=[]
 # ## Results file

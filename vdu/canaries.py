@@ -91,8 +91,8 @@ def evaluate_canaries(model, scheduler, evaluator, config, trained: torch.Tensor
     from .evaluation import _percentiles, measure
     from .metrics import domain_fid
     x = samples if samples is not None else config.sample(model, scheduler)
-    hits = has_mark(x).float() if torch.isfinite(x).all() else None
     m = measure(evaluator, x, None, None, 0, 0, config.seed)           # raises on non-finite samples
+    hits = has_mark(x).float()
     g = torch.Generator().manual_seed(config.seed + 4242)
     out = {"n_samples": len(x), "mark_rate": float(hits.mean()), "confident_share": m["confident_share"],
            "fid": domain_fid(evaluator, x, reference), "fid_reference": len(reference)}
