@@ -136,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     p = un = sub.add_parser("unlearn", help="unlearn a class from a model folder and save the result (vdu.unlearning)")
     p.add_argument("model", help="model folder (save_pretrained layout, e.g. checkpoints/mnist/ddpm)")
     p.add_argument("--method", default="vdu", choices=sorted(REGISTRY), help="unlearning method (vdu.methods)")
-    p.add_argument("--forget-class", type=int, required=True, help="class to unlearn (the prompt, for conditional models)")
+    p.add_argument("--forget-class", type=int, default=None, help="class to unlearn (the prompt, for conditional models)")
+    p.add_argument("--concept", default=None,
+                   help="a text prompt to erase from a Stable Diffusion folder (instead of --forget-class; vdu.text2image)")
+    p.add_argument("--trainable", default="full", choices=["full", "xattn", "noxattn", "lora"],
+                   help="with --concept: the UNet weights that may change (xattn: cross-attention only, ESD-x)")
+    p.add_argument("--lora-rank", type=_int_at_least(1), default=4, help="with --trainable lora: the adapters' rank")
+    p.add_argument("--concept-samples", type=_int_at_least(1), default=8,
+                   help="with --concept: the model's own samples under the prompt that serve as the forget set")
     p.add_argument("--n-forget", type=_int_at_least(1), default=1000, help="forget-class training images (D_f)")
     p.add_argument("--n-retain", type=_int_at_least(0), default=None,
                    help="retained-class training images (default: 2000 for methods that use D_r, else 0)")
@@ -223,6 +230,10 @@ def _unlearn_or_evaluate(a, parser, ap) -> int:
 
     from .data import class_split, load_dataset
     from .models import ModelExistsError, load_model
+    if a.cmd == "unlearn" and (a.concept is None) == (a.forget_class is None):
+        parser.error("give --forget-class (a class of the model's dataset) or --concept (a prompt), exactly one")
+    if a.cmd == "unlearn" and a.concept is not None:
+        return _unlearn_concept(a, parser)
     dataset = _dataset_of(a.model, a.dataset)
     unet, sched = load_model(a.model)
     train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
@@ -262,6 +273,39 @@ def _unlearn_or_evaluate(a, parser, ap) -> int:
         parser.error(str(e))
     print(json.dumps({"saved": a.out, **m.unlearn_log.summary()}, indent=2, default=float))
     return 0
+
+def _unlearn_concept(a, parser) -> int:
+    """``unlearn MODEL --concept "..."``: a Stable Diffusion folder; the forget set is the model's own samples
+    (VAE latents) under the prompt; the result is a StableDiffusionPipeline folder."""
+    from .data import UnlearnData
+    from .diffusion import sample
+    from .methods import get_method
+    from .models import ModelExistsError
+    from .text2image import load_text2image
+    from .unlearning import LoopConfig, unlearn
+    cls = get_method(a.method)
+    if "retain" in cls.needs:
+        parser.error(f"method {a.method!r} needs retain images, which a prompt does not give: use esd, ru, neggrad or vdu")
+    try:
+        unet, sched, _ = load_text2image(a.model, [a.concept], trainable=a.trainable, lora_rank=a.lora_rank)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    latents = sample(unet, sched, a.concept_samples, seed=a.data_seed, steps=20, class_labels=0, progress=True)
+    opts = {f.name: getattr(a, f.name) for f in dataclasses.fields(LoopConfig)
+            if hasattr(a, f.name) and f.name not in ("save_to", "overwrite", "inplace", "device")}
+    opts.update({f.name: getattr(a, f.name) for f in dataclasses.fields(cls.Config) if hasattr(a, f.name)})
+    opts.pop("concepts", None)
+    try:
+        m = unlearn(unet, UnlearnData(latents, forget_class=0, latent=True), a.method, sched, save_to=a.out,
+                    overwrite=a.overwrite, **opts)
+    except ModelExistsError as e:
+        parser.error(f"{e} (on the command line: --overwrite)")
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    print(json.dumps({"saved": a.out, "concept": a.concept, "trainable": a.trainable, **m.unlearn_log.summary()},
+                     indent=2, default=float))
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

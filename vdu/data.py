@@ -228,14 +228,16 @@ class UnlearnData:
     reference: torch.Tensor | None = None      # evaluation: real retained-class test images (u-FID reference)
     nll_forget: torch.Tensor | None = None     # evaluation: forget-class test images for the NLL bound
     nll_retain: torch.Tensor | None = None     # evaluation: retained-class test images for the NLL bound
+    latent: bool = False                       # forget / retain are VAE latents (vdu.text2image): any range
 
     def __post_init__(self):
-        self.forget = _image_tensor(self.forget, "forget")
+        self.forget = _image_tensor(self.forget, "forget", bounded=not self.latent)
         if len(self.forget) == 0:
             raise ValueError("the forget set is empty: nothing to unlearn")
         for name in ("retain", "reference", "nll_forget", "nll_retain"):
             if getattr(self, name) is not None:
-                setattr(self, name, _image_tensor(getattr(self, name), name))
+                setattr(self, name, _image_tensor(getattr(self, name), name,
+                                                  bounded=not (self.latent and name == "retain")))
         if self.retain is not None and len(self.retain) == 0:
             raise ValueError("the retain set is empty: pass retain=None for forget-only methods")
         if self.retain_labels is not None:
@@ -258,7 +260,7 @@ class UnlearnData:
         return cls(data)
 
 
-def _image_tensor(x, name: str) -> torch.Tensor:
+def _image_tensor(x, name: str, bounded: bool = True) -> torch.Tensor:
     """Images for unlearning: float tensors in [-1, 1] of shape (N, C, H, W). uint8 is refused (it is almost
     always [0, 255]); convert with ``vdu.data.to_tensor``."""
     if isinstance(x, ImageData):
@@ -272,10 +274,10 @@ def _image_tensor(x, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(x.shape)}")
     if x.numel() and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf values")
-    if x.numel() and (x.min() < -1.001 or x.max() > 1.001):
+    if bounded and x.numel() and (x.min() < -1.001 or x.max() > 1.001):
         raise ValueError(f"{name} has values in [{x.min():.3g}, {x.max():.3g}]: images must be in [-1, 1] "
                          f"(from [0, 1]: x * 2 - 1; from [0, 255]: x / 127.5 - 1)")
-    if len(x) >= 8 and x.min() >= 0:
+    if bounded and len(x) >= 8 and x.min() >= 0:
         warnings.warn(f"{name}: every value is in [0, {x.max():.3g}]; if these are [0, 1] images, convert them "
                       f"with x * 2 - 1 (the models expect [-1, 1])", UserWarning, stacklevel=3)
     return x.float() if x.dtype != torch.float32 else x

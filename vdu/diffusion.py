@@ -256,7 +256,7 @@ def sample(unet, scheduler, n: int, seed: int = 0, method: str = "ddim", steps: 
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"the model produced non-finite samples (NaN/inf in {int((~torch.isfinite(x)).sum())} "
                                      f"values): its weights have diverged; these samples cannot be scored")
-        out.append(x.clamp(-1, 1).cpu())
+        out.append((x if getattr(unet, "latent_space", False) else x.clamp(-1, 1)).cpu())   # latents: any range
     bar.close()
     unet.train(was_training)
     return torch.cat(out)

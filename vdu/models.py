@@ -96,6 +96,10 @@ def check_images(unet: UNet2DModel, images: torch.Tensor) -> None:
     if images.shape[1] != c or tuple(images.shape[2:]) != size:
         raise ValueError(f"images of shape {tuple(images.shape[1:])} do not match the model, which expects "
                          f"({c}, {size[0]}, {size[1]})")
+    if getattr(unet, "latent_space", False):      # VAE latents (vdu.text2image): finite, any range
+        if not images.is_floating_point() or not torch.isfinite(images).all():
+            raise ValueError("latents must be finite float tensors")
+        return
     check_image_values(images)
 
 
@@ -241,12 +245,8 @@ def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | os.Pat
     temporary folder.
     """
     import copy
-    import tempfile
 
-    folder = check_save_target(folder, overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    def write(tmp: Path):
         (copy.deepcopy(unet).to(dtype) if dtype is not None else unet).save_pretrained(
             tmp / "unet", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
@@ -255,6 +255,22 @@ def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | os.Pat
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         for name, obj in extra_json.items():
             (tmp / f"{name}.json").write_text(json.dumps(obj, indent=2))
+
+    return atomic_folder(folder, overwrite, write)
+
+
+def atomic_folder(folder: str | os.PathLike, overwrite: bool, write) -> Path:
+    """Create or replace the model folder ``folder`` atomically: ``write(tmp)`` fills a fresh sibling
+    temporary folder, which is then swapped in (see :func:`save_model`). ``folder`` must be new, empty, or
+    (``overwrite=True``) an existing model folder (:func:`check_save_target`, checked first and again
+    before the swap)."""
+    import tempfile
+
+    folder = check_save_target(folder, overwrite)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        write(tmp)
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700; give it a normal folder's mode
         if not folder.exists():
             os.replace(tmp, folder)

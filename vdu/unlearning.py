@@ -438,4 +438,6 @@ def save_unlearned(unet, scheduler, folder, log: UnlearnLog | None = None, overw
     ``unlearn.json`` (the config, stop reason and the per-step log)."""
     log = log if log is not None else getattr(unet, "unlearn_log", None)
     extra = {"unlearn": json.loads(json.dumps(log.to_dict(), default=float))} if log is not None else {}
+    if hasattr(unet, "save_pipeline"):          # a text-to-image model (vdu.text2image): its whole pipeline
+        return unet.save_pipeline(folder, scheduler, overwrite=overwrite, **extra)
     return save_model(unet, scheduler, folder, overwrite=overwrite, **extra)
