@@ -165,7 +165,63 @@ def evaluation(root: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-TABLES = {"duality": duality, "constrained": constrained, "data": data, "evaluation": evaluation}
+def vdu_classes(root: Path) -> str:
+    d = _load("results/mnist/vdu_unlearning.json", root)
+    if d is None:
+        return "_results/mnist/vdu_unlearning.json not written yet (`make run-all`)._\n"
+    rows = {(r["config"], r["forget_class"]): r for r in d["classes"]}
+    classes = sorted({c for _, c in rows})
+    names = [n for n in ("vdu", "vdu-function") if any(k[0] == n for k in rows)]
+
+    def met(r):
+        lo = (r.get("pul_ci") or [r["pul"]])[0]            # the interval's lower end when there is one
+        return lo >= 95.0 and r["u_fid_ratio"] <= 1.5
+
+    def pul(r):
+        v = _ci(r["pul"], r.get("pul_ci"), "{:.1f}")
+        return f"**{v}**" if met(r) else v
+
+    head = "| forget class | forget share before | " + " | ".join(
+        f"`{n}` PUL % | `{n}` u-FID (x) | `{n}` confident" for n in names) + \
+        " | `vdu-function` NLL forget / retain (bits/dim) | steps (stop) | s |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    stop = lambda r: f"{r['steps']} ({r['stop'].replace('_', ' ')})"            # noqa: E731
+    for c in classes:
+        rs = [rows.get((n, c)) for n in names]
+        first = next(r for r in rs if r)
+        cells = [str(c), f"{first['forget_share_before']:.3f}"]
+        for r in rs:
+            cells += ["—"] * 3 if r is None else [pul(r), f"{r['u_fid_after']:.2f} ({r['u_fid_ratio']:.2f}x)",
+                                                  f"{r['confident_share_after']:.2f}"]
+        f = rows.get(("vdu-function", c))
+        cells.append("—" if f is None or "forget_nll_after" not in f else
+                     f"{f['forget_nll_before']:.3f} → {f['forget_nll_after']:.3f} / {f['retain_nll_before']:.3f} → "
+                     f"{f['retain_nll_after']:.3f}")
+        cells.append(" / ".join(stop(r) for r in rs if r))
+        cells.append(" / ".join(f"{r['unlearn_s']:.0f}" for r in rs if r))
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "| over the classes | mean PUL | mean u-FID ratio | mean confident share after (before "
+            f"{rows[(names[0], classes[0])]['confident_share_before']:.2f}) | target met | seconds per class |",
+            "|---|---|---|---|---|---|"]
+    for n in names:
+        rs = [rows[(n, c)] for c in classes if (n, c) in rows]
+        ok = [r["forget_class"] for r in rs if met(r)]
+        secs = [r["unlearn_s"] for r in rs]
+        out.append(f"| `{n}` | {sum(r['pul'] for r in rs) / len(rs):.1f}% | "
+                   f"{sum(r['u_fid_ratio'] for r in rs) / len(rs):.2f}x | "
+                   f"{sum(r['confident_share_after'] for r in rs) / len(rs):.2f} | {len(ok)} / {len(rs)}"
+                   f"{' (classes ' + ', '.join(map(str, ok)) + ')' if ok else ''} | "
+                   f"{min(secs):.0f}-{max(secs):.0f} (mean {sum(secs) / len(secs):.0f}) |")
+    ev = d["evaluation"]
+    out += ["", f"{ev['samples']} samples per model (DDIM {ev['ddim_steps']}, seed bank {ev['seed_bank']}); "
+            + ("intervals: paired bootstrap, 95%. " if any("pul_ci" in r for r in d["classes"]) else
+               "no intervals (this run predates them). ")
+            + f"Bold: PUL >= 95% (the interval's lower end, where there is one) with u-FID <= 1.5x. "
+              f"{d['machine']}, notebook {d['notebook_wall_s'] / 60:.0f} min, written {d['written']}."]
+    return "\n".join(out) + "\n"
+
+
+TABLES = {"duality": duality, "constrained": constrained, "data": data, "evaluation": evaluation, "vdu": vdu_classes}
 
 
 def render(text: str, root: Path = REPO) -> str:
