@@ -256,10 +256,11 @@ print(f"wrote {path.relative_to(REPO)} ({wall / 60:.1f} min)")
 # ## Checks
 
 # %% tags=[]
-print("pooled N0 is the sum over banks:",
-      pooled["forget_before"] == sum(int((r["before"]["labels"] == forget_class).sum()) for r in rows_banks))
-print("agreement of the two evaluators is a share:", all(0 <= r["before"]["label_agreement"] <= 1 for r in rows_banks))
+assert pooled["forget_before"] == sum(int((r["before"]["labels"] == forget_class).sum()) for r in rows_banks), \
+    "pooled N0 is not the sum over the banks"
+assert all(0 <= r["before"]["label_agreement"] <= 1 for r in rows_banks)
 if by_hand is not None and first["after"].get("pul_ci"):   # two resamplings of the same pairs: close, not equal
     width = first["after"]["pul_ci"][1] - first["after"]["pul_ci"][0]
-    print("hand and vdu intervals agree within a third of their width:",
-          all(abs(h - v) <= width / 3 + 1e-9 for h, v in zip(by_hand, first["after"]["pul_ci"])))
+    assert all(abs(h - v) <= width / 3 + 1e-9 for h, v in zip(by_hand, first["after"]["pul_ci"])), \
+        (by_hand, first["after"]["pul_ci"])
+print("checks passed: pooled counts, agreement range, hand and library intervals")

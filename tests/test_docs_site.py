@@ -29,6 +29,9 @@ def test_site_builds_offline_with_every_notebook():
         assert "assets/katex/katex.min.js" in html and "render-math.js" in html
         assert not re.findall(r'<(?:script|link)[^>]+(?:src|href)="https?://', html), name
         assert "jp-Cell" in html or "jupyter-wrapper" in html, name
+        if "Outputs of the full-profile run" in html:
+            assert html.count("jp-OutputArea-output") >= 3, f"{name}: the executed run's outputs are missing"
+            assert "injected-parameters" in html or "Parameters" in html, name
     assert (site / "mathematics.html").exists() and (site / "index.html").exists()
     if shutil.which("chromium") or shutil.which("chromium-browser"):
         chk = subprocess.run([sys.executable, str(REPO / "docs" / "site" / "check.py")], cwd=REPO,

@@ -181,9 +181,13 @@ def test_compare_measures_both_models_on_the_same_noise_per_config():
     ev, data = _Fixed(), UnlearnData(_imgs([0.0]), forget_class=3)
     cfgs = [EvalConfig(n_samples=6, steps=s, sampler=m, seed=b, bootstrap=50, fid_bootstrap=0)
             for m, s, b in (("ddim", 1, 0), ("dpm", 2, 0), ("ddim", 1, 1))]
-    rows = compare(unet, unet, sched, ev, data, cfgs, second=_Merged())
+    other = __import__("copy").deepcopy(unet)
+    with torch.no_grad():                       # another model, a hair away: on the same noise, the same labels
+        for p in other.parameters():
+            p.add_(1e-7 * torch.randn_like(p))
+    rows = compare(unet, other, sched, ev, data, cfgs, second=_Merged())
     assert [(r["sampler"], r["steps"], r["seed_bank"]) for r in rows] == [("ddim", 1, 0), ("dpm", 2, 0), ("ddim", 1, 1)]
-    for r in rows:   # the same model on the same noise: identical labels, by both evaluators
+    for r in rows:
         assert torch.equal(r["before"]["labels"], r["after"]["labels"])
         assert torch.equal(r["before"]["labels_second"], r["after"]["labels_second"])
         assert not any(torch.is_tensor(v) for v in numbers_only(r["after"]).values())

@@ -122,7 +122,18 @@ def test_ru_and_lora_run_on_prompts(sd_folder, tmp_path):
         a = pipe.unet(xt, t, encoder_hidden_states=unet.embeddings[:1].expand(2, -1, -1)).sample
         b = out(xt, t, torch.zeros(2, dtype=torch.long)).sample
     assert torch.allclose(a, b, atol=1e-4)
-    assert (tmp_path / "ru" / "lora" / "adapter.safetensors").exists()
+    base = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)   # the adapter alone, on the original
+    with torch.no_grad():
+        c0 = base.unet(xt, t, encoder_hidden_states=unet.embeddings[:1].expand(2, -1, -1)).sample
+    base.load_lora_weights(tmp_path / "ru" / "lora")
+    with torch.no_grad():
+        c = base.unet(xt, t, encoder_hidden_states=unet.embeddings[:1].expand(2, -1, -1)).sample
+    assert not torch.allclose(c, c0, atol=1e-6) and torch.allclose(c, b, atol=1e-4)
+    # a second run from the saved folder saves cleanly (no stale files of the first run come along)
+    again, sched2, _ = load_text2image(tmp_path / "ru", ["a photo of cat"], trainable="lora", lora_rank=2)
+    unlearn(again, UnlearnData(lat, forget_class=0, latent=True), "neggrad", sched2, save_to=str(tmp_path / "ru2"),
+            **{**LOOP, "steps": 1})
+    assert not (tmp_path / "ru2" / "prompts.json").read_text() == "" and (tmp_path / "ru2" / "lora").is_dir()
 
 
 def test_text2image_bad_inputs(sd_folder, tmp_path):
@@ -146,6 +157,16 @@ def test_text2image_bad_inputs(sd_folder, tmp_path):
         load_text2image(tmp_path / "nowhere", ["a photo of cat"])
     with pytest.raises(ValueError, match="images must be in"):
         UnlearnData(torch.full((2, 4, 8, 8), 3.0))           # latents need latent=True
+    vpred = tmp_path / "vpred"
+    shutil.copytree(sd_folder, vpred)
+    cfg = json.loads((vpred / "scheduler" / "scheduler_config.json").read_text())
+    (vpred / "scheduler" / "scheduler_config.json").write_text(json.dumps({**cfg, "prediction_type": "v_prediction"}))
+    with pytest.raises(ValueError, match="epsilon prediction"):
+        load_text2image(vpred, ["a photo of cat"])
+    from vdu.diffusion import nll_bits_per_dim
+    unet, sched, _ = load_text2image(sd_folder, ["a photo of cat"])
+    with pytest.raises(ValueError, match="not for VAE latents"):
+        nll_bits_per_dim(unet, sched, torch.zeros(2, 4, 8, 8), progress=False)
 
 
 def test_command_line_erases_a_concept(sd_folder, tmp_path, capsys):
@@ -163,3 +184,6 @@ def test_command_line_erases_a_concept(sd_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["unlearn", str(tmp_path / "nowhere"), "--concept", "cat", "--method", "esd", "--out", str(tmp_path / "y")])
     assert "no Stable Diffusion folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["unlearn", str(sd_folder), "--concept", "cat", "--method", "amnesia", "--out", str(tmp_path / "z")])
+    assert "with --concept the methods are" in capsys.readouterr().err

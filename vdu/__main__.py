@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-rank", type=_int_at_least(1), default=4, help="with --trainable lora: the adapters' rank")
     p.add_argument("--concept-samples", type=_int_at_least(1), default=8,
                    help="with --concept: the model's own samples under the prompt that serve as the forget set")
+    p.add_argument("--device", default="cpu", help="with --concept: where the model runs (cpu, cuda, cuda:1, ...)")
     p.add_argument("--n-forget", type=_int_at_least(1), default=1000, help="forget-class training images (D_f)")
     p.add_argument("--n-retain", type=_int_at_least(0), default=None,
                    help="retained-class training images (default: 2000 for methods that use D_r, else 0)")
@@ -284,20 +285,25 @@ def _unlearn_concept(a, parser) -> int:
     from .text2image import load_text2image
     from .unlearning import LoopConfig, unlearn
     cls = get_method(a.method)
-    if "retain" in cls.needs:
-        parser.error(f"method {a.method!r} needs retain images, which a prompt does not give: use esd, ru, neggrad or vdu")
+    if a.method not in ("esd", "ru", "neggrad", "vdu") or (a.method == "vdu" and a.stability != "function"):
+        parser.error(f"with --concept the methods are esd, ru, neggrad and vdu --stability function (got "
+                     f"{a.method!r}{' --stability ' + a.stability if a.method == 'vdu' else ''}): the others need "
+                     f"retain images, other classes or a weight posterior, which a prompt does not give")
     try:
-        unet, sched, _ = load_text2image(a.model, [a.concept], trainable=a.trainable, lora_rank=a.lora_rank)
-    except (FileNotFoundError, ValueError) as e:
+        unet, sched, _ = load_text2image(a.model, [a.concept], trainable=a.trainable, lora_rank=a.lora_rank,
+                                         device=a.device)
+    except (FileNotFoundError, ValueError, ImportError) as e:
         parser.error(str(e))
-    latents = sample(unet, sched, a.concept_samples, seed=a.data_seed, steps=20, class_labels=0, progress=True)
+    # the forget set: the model's own samples under the prompt, with the usual guidance (scale 7.5 = 1 + 6.5)
+    latents = sample(unet, sched, a.concept_samples, seed=a.data_seed, steps=20, class_labels=0, guidance=6.5,
+                     progress=True, device=a.device)
     opts = {f.name: getattr(a, f.name) for f in dataclasses.fields(LoopConfig)
             if hasattr(a, f.name) and f.name not in ("save_to", "overwrite", "inplace", "device")}
     opts.update({f.name: getattr(a, f.name) for f in dataclasses.fields(cls.Config) if hasattr(a, f.name)})
     opts.pop("concepts", None)
     try:
         m = unlearn(unet, UnlearnData(latents, forget_class=0, latent=True), a.method, sched, save_to=a.out,
-                    overwrite=a.overwrite, **opts)
+                    overwrite=a.overwrite, device=a.device, **opts)
     except ModelExistsError as e:
         parser.error(f"{e} (on the command line: --overwrite)")
     except (ValueError, TypeError) as e:

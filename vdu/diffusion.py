@@ -108,6 +108,9 @@ def nll_bits_per_dim(unet, scheduler, x0: torch.Tensor, class_labels=None, times
 
     ``timesteps=None``: exact sum over all T; an int: stratified estimate with that many terms.
     With ``return_terms`` also returns the prior, decoder and diffusion parts (bits/dim)."""
+    if getattr(unet, "latent_space", False):
+        raise ValueError("the NLL bound in bits/dim is defined for images in [-1, 1] (a discretised decoder over "
+                         "256 levels), not for VAE latents: use the denoising loss to compare latent models")
     from .models import check_images
 
     check_images(unet, x0)

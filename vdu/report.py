@@ -144,7 +144,7 @@ def evaluation(root: Path) -> str:
            f"({d['unlearn']['stop']}). {d['n_samples']} samples per bank and model; intervals: paired bootstrap, "
            f"{d['bootstrap']} resamples. Second evaluator: `{d['second_evaluator']}`.", "",
            f"| seed bank ({ts[0]} {ts[1]}) | class-{c} samples before → after | PUL % [95% CI] | PUL %, second "
-           f"evaluator | label agreement |", "|---|---|---|---|---|"]
+           f"evaluator | label agreement (original model's samples) |", "|---|---|---|---|---|"]
     for r in d["seed_banks"]:
         b, a = r["before"], r["after"]
         out.append(f"| {r['seed_bank']} | {b['counts'][c]} → {a['counts'][c]} | {pul(a)} | {pul(a, '_second')} | "

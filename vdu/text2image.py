@@ -11,10 +11,13 @@ latents: prompt ``k`` is the concept to erase (``forget_class=k``), the empty pr
                 negative_guidance=1.0, save_to="runs/no-cats")   # a StableDiffusionPipeline folder
 
 ``trainable``: ``"full"`` (every UNet weight), ``"xattn"`` (only the cross-attention layers ``attn2``: ESD-x,
-erasing what the prompt triggers), ``"noxattn"`` (everything else: ESD-u) or ``"lora"`` (low-rank adapters on
+erasing what the prompt triggers), ``"noxattn"`` (everything but the cross-attention; ESD-u also freezes the
+time embedding and the output layer) or ``"lora"`` (low-rank adapters on
 the attention projections through peft, as diffusers' own training scripts do; ``lora_rank``). The saved
 folder loads with ``StableDiffusionPipeline.from_pretrained`` (a LoRA run saves merged weights, and the
-adapter alone in ``lora/``).
+adapter alone in ``lora/``, which ``pipe.load_lora_weights`` applies to the original model). Only
+epsilon-prediction models are accepted (the engine's losses treat the UNet's output as the noise), and
+the NLL bound in bits/dim is refused on latents (it is defined for images in [-1, 1]).
 """
 from __future__ import annotations
 
@@ -68,19 +71,24 @@ class PromptUNet(nn.Module):
         if self.source is None:
             raise ValueError("this PromptUNet was not loaded from a Stable Diffusion folder: save self.unet instead")
 
+        src = Path(self.source)
+        parts = [k for k in json.loads((src / "model_index.json").read_text()) if not k.startswith("_")] \
+            if (src / "model_index.json").exists() else [c for c in COMPONENTS if (src / c).is_dir()]
+
         def write(tmp: Path):
-            for name in Path(self.source).iterdir():
-                if name.name != "unet" and not name.name.startswith("."):
-                    (shutil.copytree if name.is_dir() else shutil.copy2)(name, tmp / name.name)
+            if (src / "model_index.json").exists():
+                shutil.copy2(src / "model_index.json", tmp / "model_index.json")
+            for name in parts:                   # the pipeline's components only (no earlier run's files)
+                if name != "unet" and (src / name).is_dir():
+                    shutil.copytree(src / name, tmp / name)
             unet = copy.deepcopy(self.unet)
             if getattr(unet, "peft_config", None):
+                from diffusers import StableDiffusionPipeline
+                from diffusers.utils import convert_state_dict_to_diffusers
                 from peft.utils import get_peft_model_state_dict
-                from safetensors.torch import save_file
-                (tmp / "lora").mkdir()
-                save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()},
-                          tmp / "lora" / "adapter.safetensors")
-                (tmp / "lora" / "adapter.json").write_text(json.dumps(unet.peft_config["default"].to_dict(),
-                                                                      indent=2, default=list))
+                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+                StableDiffusionPipeline.save_lora_weights(tmp / "lora", unet_lora_layers=layers,
+                                                          safe_serialization=True)
                 unet.fuse_lora()
                 unet.unload_lora()
             unet.save_pretrained(tmp / "unet", safe_serialization=True)
@@ -151,6 +159,10 @@ def load_text2image(folder, prompts: list[str] | None = None, embeddings: torch.
         prompts = [f"<embedding {i}>" for i in range(len(embeddings) - 1)] + [""]
     unet = UNet2DConditionModel.from_pretrained(folder / "unet").to(device).float()
     sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    if sched_cfg.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"{folder} predicts {sched_cfg['prediction_type']!r}; the engine's losses and samplers "
+                         f"treat the UNet's output as the noise (epsilon prediction), so it is not supported")
+    sched_cfg.update(clip_sample=False, thresholding=False)   # latents are not clipped to [-1, 1]
     scheduler = DDPMScheduler.from_config({k: v for k, v in sched_cfg.items() if not k.startswith("_")})
     vae = AutoencoderKL.from_pretrained(folder / "vae").to(device).eval() if (folder / "vae").is_dir() else None
     set_trainable(unet, trainable, lora_rank)

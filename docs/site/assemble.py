@@ -44,11 +44,15 @@ def _current_source_with_outputs(name: str, executed: Path) -> tuple[dict, int]:
     from jupytext.combine import combine_inputs_with_outputs
     source = jupytext.read(REPO / "notebooks" / f"{name}.py")
     run = jupytext.read(executed)
-    run.cells = [c for c in run.cells if "injected-parameters" not in c.metadata.get("tags", [])]
-    combine_inputs_with_outputs(source, run)
+    injected = [c for c in run.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    run.cells = [c for c in run.cells if c not in injected]
+    nb = combine_inputs_with_outputs(source, run)
     ran = {c.source for c in run.cells if c.cell_type == "code"}
-    stale = sum(1 for c in source.cells if c.cell_type == "code" and c.source not in ran)
-    return json.loads(jupytext.writes(source, fmt="ipynb")), stale
+    stale = sum(1 for c in nb.cells if c.cell_type == "code" and c.source not in ran)
+    at = next((i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])), None)
+    if injected and at is not None:          # the parameters the run used, right after the defaults
+        nb.cells.insert(at + 1, injected[0])
+    return json.loads(jupytext.writes(nb, fmt="ipynb")), stale
 
 
 def main() -> int:
@@ -69,9 +73,10 @@ def main() -> int:
     shown = {}
     for name, dataset in SERIES:
         executed = REPO / "docs" / "executed" / f"{name}-{dataset}.ipynb"
-        if executed.exists():
+        meta = json.loads(executed.read_text())["metadata"].get("papermill", {}) if executed.exists() else {}
+        if meta.get("end_time") and not meta.get("exception"):       # a finished run (not one in progress)
             nb, stale = _current_source_with_outputs(name, executed)
-            when = json.loads(executed.read_text())["metadata"].get("papermill", {}).get("end_time", "")[:10]
+            when = meta["end_time"][:10]
             note = f"> **Outputs of the full-profile run** (`{executed.relative_to(REPO)}`, {when}; `make run-all`)."
             if stale:
                 note += (f" {stale} code cell(s) were added or changed after that run and show no output here; "
