@@ -119,3 +119,58 @@ def test_fisher_posterior_is_narrow_where_the_forget_data_is_informative():
     out = unlearn(unet, x, "vdu", build_scheduler(), posterior=post, steps=2, batch_size=8, probe_every=0,
                   progress=False)
     assert out.unlearn_log.steps_done == 2
+
+
+SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import tiny_train_config
+from vdu.data import load_dataset
+from vdu.training import pretrain
+torch.set_num_threads(1)
+data = load_dataset("mnist", "test").take(256, seed=0)
+until = int(sys.argv[2]) if len(sys.argv) > 2 else None
+pretrain(tiny_train_config(sys.argv[1]), data=data, until=until, progress=False, device="cpu")
+"""
+
+
+def _launch(tmp_path, out, until=None):
+    """``accelerate launch`` with 2 CPU processes of the tiny pretraining run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = tmp_path / "train2.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
+    # --multi_gpu on a machine without GPUs starts the processes through torch.distributed; they run on the CPU
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(out)] + ([str(until)] if until else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_two_processes_match_one_process_and_resume(tmp_path, small_data):
+    pytest.importorskip("accelerate")
+    one = pretrain(_cfg(tmp_path / "one"), data=small_data, progress=False, device="cpu")
+    _launch(tmp_path, tmp_path / "two")
+    _launch(tmp_path, tmp_path / "killed", until=3)                 # a 2-process run stopped after step 3 ...
+    assert torch.load(tmp_path / "killed" / "state.pt", weights_only=False)["step"] == 3
+    _launch(tmp_path, tmp_path / "killed")                          # ... and resumed with 2 processes
+    w1 = torch.load(tmp_path / "one" / "state.pt", weights_only=False)["model"]
+    for run in ("two", "killed"):
+        w2 = torch.load(tmp_path / run / "state.pt", weights_only=False)["model"]
+        diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+        assert diff < 1e-4, (run, diff)     # same global batch and noise: DDP's average is the one-process step
+    assert (tmp_path / "two" / "model" / "unet").is_dir() and one.exists()
+    logs = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")]
+    assert [(r["step"], r["processes"]) for r in logs] == [(2, 2), (4, 2), (6, 2)]   # two processes, one log
+
+
+def test_bf16_autocast_trains_and_an_unknown_precision_is_refused(tmp_path, small_data):
+    pytest.importorskip("accelerate")
+    pretrain(_cfg(tmp_path / "bf", steps=2, mixed_precision="bf16"), data=small_data, progress=False, device="cpu")
+    logs = [json.loads(line) for line in open(tmp_path / "bf" / "log.jsonl")]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logs) and logs
+    from vdu.training import ConfigError
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        pretrain(_cfg(tmp_path / "fp8", mixed_precision="fp8"), data=small_data, progress=False)

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data import ImageData, load_dataset
-from .diffusion import denoising_loss
+from .diffusion import noise_prediction_error
 from .models import (build_scheduler, build_unet, check_save_target, default_device, load_model, null_class,
                      save_model)
 
@@ -75,6 +75,7 @@ class TrainConfig:
     canaries: int = 0                 # add this many marked training digits (vdu.canaries: a canary model; 0: none)
     canary_repeat: int = 1            # copies of each canary in the training set (how strongly they are memorised)
     model_overrides: dict = field(default_factory=dict)  # UNet2DModel kwargs on top of the preset
+    mixed_precision: str = "no"       # "no" | "bf16": autocast of the forward pass (accelerate)
 
     def command(self) -> str:
         """The ``python -m vdu pretrain`` command line that reproduces this config."""
@@ -124,6 +125,8 @@ class TrainConfig:
                 bad("max_train", f"None (all training images) or an integer >= batch_size ({self.batch_size})")
         if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
             bad("out", "a folder path")
+        if self.mixed_precision not in ("no", "bf16"):
+            bad("mixed_precision", '"no" or "bf16"')
         if not isinstance(self.model_overrides, dict):
             bad("model_overrides", "a dict of UNet2DModel keyword arguments")
         return self
@@ -227,13 +230,22 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
     """Train (or resume) the run in ``cfg.out``; returns the exported EMA model folder.
 
     ``until`` stops early after that step (a checkpoint is written), as an interruption would."""
+    from accelerate import Accelerator
+
     cfg.check()
-    device = torch.device(device) if device else default_device()
+    want = torch.device(device) if device else default_device()
+    acc = Accelerator(cpu=want.type == "cpu", mixed_precision=cfg.mixed_precision)
+    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    device = acc.device if world > 1 else want        # one process: exactly the device asked for
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} cannot be split over {world} processes: use a multiple of "
+                         f"{world} (each process takes every {world}-th image of the global batch)")
     out = Path(cfg.out)
     st, st_file = load_state(out)           # refuse a bad resume before loading data or building the model
     if st is not None:
         _check_resume(st, cfg, st_file)
-    (out / "snapshots").mkdir(parents=True, exist_ok=True)
+    if main:
+        (out / "snapshots").mkdir(parents=True, exist_ok=True)
     data = data if data is not None else load_dataset(cfg.dataset, "train", cfg.data_root)
     full = data
     if cfg.max_train:
@@ -245,7 +257,8 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
                    torch.cat([data.labels, marked.labels.repeat(cfg.canary_repeat)]), data.classes, data.name)
     n = len(data)
     if n < cfg.batch_size:
-        raise ValueError(f"{n} training images is fewer than one batch of {cfg.batch_size}")
+        raise ValueError(f"{n} training images is fewer than one batch of {cfg.batch_size}"
+                         + (f" ({world} processes take {cfg.batch_size // world} each)" if world > 1 else ""))
     scheduler = build_scheduler()
     if cfg.init:
         unet, scheduler = load_model(cfg.init)
@@ -260,13 +273,13 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
     step, wall = 0, 0.0
     state_path = out / "state.pt"
     if st is not None:
-        if st_file != state_path:
+        if st_file != state_path and main:
             if state_path.exists():  # keep the unreadable file for inspection; never rotate it into state.prev.pt
                 os.replace(state_path, out / "state.corrupt.pt")
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps({"step": st["step"], "resumed_from": st_file.name,
                                     "reason": "state.pt unreadable or missing"}) + "\n")
-        if st["config"]["steps"] != cfg.steps:  # lengthen/shorten a run: the LR schedule follows the new total
+        if st["config"]["steps"] != cfg.steps and main:  # lengthen/shorten: the LR schedule follows the new total
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps({"step": st["step"], "steps_changed": [st["config"]["steps"], cfg.steps]}) + "\n")
         unet.load_state_dict(st["model"])
@@ -276,9 +289,15 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
         gen.set_state(st["gen"])
         step, wall = st["step"], st["wall_s"]
     ema.to(device)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if main:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    # several processes (accelerate launch): DDP averages the gradients of the per-process shards, so a step
+    # is the step of one process on the whole batch
+    model = acc.prepare_model(unet) if world > 1 else unet
 
     def save_state():
+        if not main:
+            return
         _save_state(dict(model=unet.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
                          ema=ema.state_dict(), gen=gen.get_state(), step=step, wall_s=wall,
                          config=asdict(cfg)), state_path)
@@ -288,8 +307,10 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
     snaps = set(cfg.snapshot_steps())
     null = null_class(unet)
     stop = min(cfg.steps, until) if until is not None else cfg.steps
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"pretrain {cfg.dataset}", disable=not progress)
-    log = open(out / "log.jsonl", "a")
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"pretrain {cfg.dataset}", disable=not (progress and main))
+    log = open(out / "log.jsonl", "a") if main else None
+    T = scheduler.config.num_train_timesteps
+    mine = slice(rank, None, world)
     run_loss, t0 = 0.0, time.time()
     while step < stop:
         epoch, i = divmod(step, per_epoch)
@@ -297,14 +318,19 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
             perm_epoch = epoch
         idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        x0 = data.images[idx].to(device)
         labels = None
-        if null is not None:
+        if null is not None:     # every process draws the whole batch's randomness, then takes its shard
             drop = torch.rand(len(idx), generator=gen) < cfg.cond_drop
-            labels = torch.where(drop, torch.full_like(data.labels[idx], null), data.labels[idx]).to(device)
-        loss = denoising_loss(unet, scheduler, x0, labels, generator=gen)
+            labels = torch.where(drop, torch.full_like(data.labels[idx], null), data.labels[idx])[mine].to(device)
+        t = torch.randint(0, T, (len(idx),), generator=gen)
+        eps = torch.randn((len(idx), *data.images.shape[1:]), generator=gen)
+        x0 = data.images[idx[mine]].to(device)
+        with acc.autocast():
+            loss = noise_prediction_error(model, scheduler, x0, labels, t=t[mine], eps=eps[mine])[0].float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            loss = acc.reduce(loss.detach(), "mean")
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
@@ -312,7 +338,7 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
         step += 1
         run_loss += loss.item()
         bar.update(1)
-        if step in snaps:
+        if step in snaps and main:
             save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()},
                       out / "snapshots" / f"step_{step:07d}.safetensors")
         if step % cfg.log_every == 0 or step == stop:
@@ -320,17 +346,23 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
             wall += dt
             k = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
             rec = dict(step=step, loss=run_loss / k, lr=sched.get_last_lr()[0], img_per_s=k * cfg.batch_size / dt,
-                       wall_s=round(wall, 1))
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
+                       wall_s=round(wall, 1), processes=world)
+            if main:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             run_loss, t0 = 0.0, time.time()
         if step % cfg.checkpoint_every == 0 or step == stop:
             save_state()
     bar.close()
-    log.close()
+    if main:
+        log.close()
+    acc.wait_for_everyone()
     if step >= cfg.steps:
-        return export_ema(out, cfg.export, device=str(device), overwrite=overwrite_export)
+        path = export_ema(out, cfg.export, device=str(device), overwrite=overwrite_export) if main else \
+            Path(cfg.export) if cfg.export else out / "model"
+        acc.wait_for_everyone()
+        return path
     return out
 
 
