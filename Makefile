@@ -4,13 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PAPERMILL := $(PY) -m papermill --cwd notebooks --progress-bar
 
-# notebooks run per dataset by `make run-all` (each with notebooks/params/<notebook>-full.yaml); the executed
-# notebooks land in docs/executed/ (what the site shows; the paired notebooks/*.ipynb keep smoke outputs)
+# `make run-all` runs the full profile of each notebook of each dataset (the matrix is vdu.notebook.MATRIX;
+# NOTEBOOKS="a b" selects, FORCE=1 redoes finished ones); the executed notebooks land in docs/executed/ (what
+# the site shows; the paired notebooks/*.ipynb keep smoke outputs). An interrupted run-all resumes.
 DATASETS ?= mnist gmm
-NB_mnist        := pretrain vdu_unlearning benchmark constrained_unlearning data_unlearning evaluation
-NB_cifar10      := pretrain
-NB_tinyimagenet := pretrain
-NB_gmm          := duality
+NOTEBOOKS ?=
+FORCE ?=
 
 .PHONY: setup test unit nbval run-all bench sync lab clean docs docs-check
 setup: $(VENV)/.installed
@@ -33,9 +32,7 @@ nbval: setup
 	cd notebooks && ../$(PY) -m pytest --nbval-lax -p no:cacheprovider *.ipynb
 
 run-all: setup
-	@mkdir -p docs/executed
-	$(foreach ds,$(DATASETS),$(if $(NB_$(ds)),,$(error unknown dataset '$(ds)'; known: mnist cifar10 tinyimagenet gmm)))
-	$(foreach ds,$(DATASETS),$(foreach nb,$(NB_$(ds)),$(PAPERMILL) notebooks/$(nb).ipynb docs/executed/$(nb)-$(ds).ipynb -f notebooks/params/$(nb)-full.yaml -p dataset $(ds) && )) true
+	$(PY) -m vdu run-all --datasets $(DATASETS) $(if $(NOTEBOOKS),--notebooks $(NOTEBOOKS)) $(if $(FORCE),--force)
 
 bench: setup
 	$(PY) -m vdu.bench

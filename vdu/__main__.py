@@ -1,4 +1,4 @@
-"""Command line: ``python -m vdu {pretrain,export,posterior,evaluator,card,unlearn,evaluate,report} ...``
+"""Command line: ``python -m vdu {pretrain,export,posterior,evaluator,card,unlearn,evaluate,run-all,report} ...``
 (see README; ``python -m vdu unlearn --method NAME --help`` lists that method's options)."""
 from __future__ import annotations
 
@@ -168,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nll-images", type=_int_at_least(0), default=64, help="forget / retain test images for the NLL bound")
     from .evaluation import EvalConfig
     _add_config_args(p, EvalConfig)
+    p = sub.add_parser("run-all", help="run every notebook's full profile for the datasets (vdu.notebook.run_all)")
+    p.add_argument("--datasets", nargs="+", default=["mnist", "gmm"], help="datasets of the matrix to run")
+    p.add_argument("--notebooks", nargs="+", default=None, help="only these notebooks (default: all of each dataset)")
+    p.add_argument("--force", action="store_true", help="redo notebooks whose full run finished earlier")
+    p.add_argument("--dry-run", action="store_true", help="say what would run, run nothing")
     p = sub.add_parser("report", help="rewrite the README tables from results/ (vdu.report)")
     p.add_argument("--check", action="store_true", help="only check that the README tables match results/ (exit 1 if not)")
     a = ap.parse_args(argv)
@@ -212,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
                                     command=" ".join(["python -m vdu"] + (argv or sys.argv[1:]))), indent=2))
     elif a.cmd in ("unlearn", "evaluate"):
         return _unlearn_or_evaluate(a, un if a.cmd == "unlearn" else None, ap)
+    elif a.cmd == "run-all":
+        from .notebook import run_all
+        try:
+            run_all(a.datasets, a.notebooks, force=a.force, dry_run=a.dry_run)
+        except ValueError as e:
+            ap.error(str(e))
     elif a.cmd == "report":
         from .report import main as report
         return report(check=a.check)

@@ -26,3 +26,83 @@ def check_options(configs: dict, method: str) -> None:
             split_options(method, options)
         except TypeError as e:
             raise ValueError(f"config {name!r}: {e}") from None
+
+
+# the notebooks `make run-all` runs for each dataset, in reading order (each with notebooks/params/<nb>-full.yaml)
+MATRIX = {"mnist": ["pretrain", "vdu_unlearning", "benchmark", "constrained_unlearning", "data_unlearning",
+                    "evaluation"],
+          "cifar10": ["pretrain"], "tinyimagenet": ["pretrain"], "gmm": ["duality"]}
+
+
+def finished(path) -> bool:
+    """Whether ``path`` is a completed full-profile papermill run (end time set, no exception)."""
+    import json
+    from pathlib import Path
+    path = Path(path)
+    if not path.exists():
+        return False
+    try:
+        meta = json.loads(path.read_text())["metadata"].get("papermill", {})
+    except (ValueError, KeyError):
+        return False
+    return bool(meta.get("end_time")) and not meta.get("exception") and \
+        meta.get("parameters", {}).get("profile") == "full"
+
+
+def run_all(datasets=None, notebooks=None, force: bool = False, root=None, out=None, dry_run: bool = False,
+            log=print) -> list[dict]:
+    """Run the full profile of every (notebook, dataset) of :data:`MATRIX` with papermill, in order, writing
+    ``docs/executed/<notebook>-<dataset>.ipynb``. A cell already finished is skipped (``force`` redoes it), so
+    an interrupted ``make run-all`` resumes where it stopped; a run writes to a temporary file first and a
+    failed one is kept as ``<notebook>-<dataset>.failed.ipynb``. ``datasets`` / ``notebooks`` select."""
+    import os
+    import time
+    from pathlib import Path
+    root = Path(root) if root else Path(__file__).resolve().parents[1]
+    out = Path(out) if out else root / "docs" / "executed"
+    datasets = list(datasets or ["mnist", "gmm"])
+    unknown = [d for d in datasets if d not in MATRIX]
+    if unknown:
+        raise ValueError(f"unknown dataset(s) {unknown}; known: {sorted(MATRIX)}")
+    wanted = set(notebooks) if notebooks else None
+    known = {nb for nbs in MATRIX.values() for nb in nbs}
+    if wanted and wanted - known:
+        raise ValueError(f"unknown notebook(s) {sorted(wanted - known)}; known: {sorted(known)}")
+    out.mkdir(parents=True, exist_ok=True)
+    done = []
+    for ds in datasets:
+        for nb in MATRIX[ds]:
+            if wanted and nb not in wanted:
+                continue
+            target = out / f"{nb}-{ds}.ipynb"
+            row = {"notebook": nb, "dataset": ds, "output": str(target)}
+            if finished(target) and not force:
+                log(f"{nb} [{ds}]: finished earlier, skipped ({target.name}; --force to redo)")
+                done.append({**row, "status": "skipped"})
+                continue
+            log(f"{nb} [{ds}]: running the full profile -> {target.name}")
+            if dry_run:
+                done.append({**row, "status": "would run"})
+                continue
+            import papermill as pm
+            tmp = target.with_name(f".{target.stem}.running.ipynb")
+            t0 = time.time()
+            try:
+                pm.execute_notebook(str(root / "notebooks" / f"{nb}.ipynb"), str(tmp),
+                                    parameters=_full_params(root, nb, ds), cwd=str(root / "notebooks"),
+                                    progress_bar=True)
+            except BaseException:
+                if tmp.exists():
+                    os.replace(tmp, target.with_name(f"{nb}-{ds}.failed.ipynb"))
+                raise
+            os.replace(tmp, target)
+            done.append({**row, "status": "ran", "wall_s": round(time.time() - t0, 1)})
+    return done
+
+
+def _full_params(root, nb: str, ds: str) -> dict:
+    import yaml
+    path = root / "notebooks" / "params" / f"{nb}-full.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: every notebook of the matrix needs its full profile")
+    return {**(yaml.safe_load(path.read_text()) or {}), "dataset": ds}
