@@ -32,7 +32,7 @@ nbval: setup
 	cd notebooks && ../$(PY) -m pytest --nbval-lax -p no:cacheprovider *.ipynb
 
 run-all: setup
-	$(PY) -m vdu run-all --datasets $(DATASETS) $(if $(NOTEBOOKS),--notebooks $(NOTEBOOKS)) $(if $(FORCE),--force)
+	$(PY) -m vdu run-all --datasets $(DATASETS) $(if $(NOTEBOOKS),--notebooks $(NOTEBOOKS)) $(if $(filter 1 yes true,$(FORCE)),--force)
 
 bench: setup
 	$(PY) -m vdu.bench

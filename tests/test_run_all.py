@@ -35,6 +35,7 @@ def test_run_all_resumes_and_keeps_failures(tmp_path, monkeypatch):
     rows = run_all(["toy"], root=tmp_path, out=out, log=lambda *_: None)
     assert [r["status"] for r in rows] == ["skipped", "ran"]     # resumed: the finished one is not redone
     assert (out / "first-toy.ipynb").stat().st_mtime_ns == first_time and finished(out / "second-toy.ipynb")
+    assert not (out / "second-toy.failed.ipynb").exists()       # the earlier failure is cleared by the success
     meta = json.loads((out / "second-toy.ipynb").read_text())["metadata"]["papermill"]["parameters"]
     assert meta["profile"] == "full" and meta["dataset"] == "toy"
     rows = run_all(["toy"], ["second"], force=True, root=tmp_path, out=out, log=lambda *_: None)

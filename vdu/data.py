@@ -193,12 +193,17 @@ TINY_IMAGENET = dict(url="http://cs231n.stanford.edu/tiny-imagenet-200.zip", md5
                             "n04146614", "n07873807", "n07747607", "n09428293"])
 
 
-def fetch_dataset(name: str, root: str | os.PathLike | None = None, progress: bool = True) -> Path:
+def fetch_dataset(name: str, root: str | os.PathLike | None = None) -> Path:
     """Download the standard ``name`` dataset and write ``<root>/<file>.npz`` in this package's layout (uint8 HWC
     images, int64 labels, class names). MNIST and CIFAR-10 come through torchvision (``download=True``: its
     mirrors, MD5-checked, with a progress bar; the full 60k / 50k training sets); Tiny ImageNet as the official
     archive (MD5-checked), reduced to the 10 classes of the subset and resized to 32 x 32. An existing file is
-    never replaced. Needs a network; nothing in the package calls it unless asked."""
+    never replaced. Needs a network; nothing in the package calls it unless asked.
+
+    The fetched file is the *official* data, not a copy of the shared file of the same name (SOURCES.md):
+    CIFAR-10 has all 50,000 lossless training images in the official order (the shared file: 22,500 JPEG-
+    decoded ones, interleaved by class); seeded subsets, FIDs and cards are comparable only within one source.
+    The file records which in its ``source`` key."""
     spec = check_dataset(name)
     folder = data_root(root)
     path = folder / spec["file"]
@@ -220,7 +225,7 @@ def fetch_dataset(name: str, root: str | os.PathLike | None = None, progress: bo
         else:
             parts, classes = _fetch_tiny_imagenet(Path(tmp))
         out = Path(tmp) / spec["file"]
-        np.savez_compressed(out, **parts, classes=np.array(classes))
+        np.savez_compressed(out, **parts, classes=np.array(classes), source=np.array(f"vdu.data.fetch_dataset({name!r})"))
         os.replace(out, path)
     return path
 
@@ -238,7 +243,8 @@ def _fetch_tiny_imagenet(tmp: Path) -> tuple[dict, list[str]]:
 
     xs, ys = [], []
     for k, w in enumerate(wnids):
-        files = sorted((base / "train" / w / "images").glob("*.JPEG"))
+        files = sorted((base / "train" / w / "images").glob("*.JPEG"),
+                       key=lambda f: int(f.stem.rsplit("_", 1)[-1]) if f.stem.rsplit("_", 1)[-1].isdigit() else 0)
         xs += [img(f) for f in files]
         ys += [k] * len(files)
     xv, yv = [], []

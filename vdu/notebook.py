@@ -80,10 +80,11 @@ def run_all(datasets=None, notebooks=None, force: bool = False, root=None, out=N
                 log(f"{nb} [{ds}]: finished earlier, skipped ({target.name}; --force to redo)")
                 done.append({**row, "status": "skipped"})
                 continue
-            log(f"{nb} [{ds}]: running the full profile -> {target.name}")
             if dry_run:
+                log(f"{nb} [{ds}]: would run the full profile -> {target.name}")
                 done.append({**row, "status": "would run"})
                 continue
+            log(f"{nb} [{ds}]: running the full profile -> {target.name}")
             import papermill as pm
             tmp = target.with_name(f".{target.stem}.running.ipynb")
             t0 = time.time()
@@ -96,6 +97,7 @@ def run_all(datasets=None, notebooks=None, force: bool = False, root=None, out=N
                     os.replace(tmp, target.with_name(f"{nb}-{ds}.failed.ipynb"))
                 raise
             os.replace(tmp, target)
+            target.with_name(f"{nb}-{ds}.failed.ipynb").unlink(missing_ok=True)   # an earlier failure is history
             done.append({**row, "status": "ran", "wall_s": round(time.time() - t0, 1)})
     return done
 

@@ -75,7 +75,7 @@ class TrainConfig:
     canaries: int = 0                 # add this many marked training digits (vdu.canaries: a canary model; 0: none)
     canary_repeat: int = 1            # copies of each canary in the training set (how strongly they are memorised)
     model_overrides: dict = field(default_factory=dict)  # UNet2DModel kwargs on top of the preset
-    mixed_precision: str = "no"       # "no" | "bf16": autocast of the forward pass (accelerate)
+    mixed_precision: str = "no"       # "no" | "bf16": autocast of the forward pass (torch.autocast)
 
     def command(self) -> str:
         """The ``python -m vdu pretrain`` command line that reproduces this config."""
@@ -230,13 +230,19 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
     """Train (or resume) the run in ``cfg.out``; returns the exported EMA model folder.
 
     ``until`` stops early after that step (a checkpoint is written), as an interruption would."""
-    from accelerate import Accelerator
-
     cfg.check()
     want = torch.device(device) if device else default_device()
-    acc = Accelerator(cpu=want.type == "cpu", mixed_precision=cfg.mixed_precision)
-    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
-    device = acc.device if world > 1 else want        # one process: exactly the device asked for
+    acc = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # launched by accelerate / torchrun: one of several processes
+        from accelerate import Accelerator
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if launched not in ("no", cfg.mixed_precision):
+            warnings.warn(f"accelerate's mixed precision {launched!r} is ignored: the run's precision is its "
+                          f"mixed_precision setting ({cfg.mixed_precision!r}; --mixed-precision on the command line)")
+        acc = Accelerator(cpu=want.type == "cpu", mixed_precision="no")
+    world, rank = (acc.num_processes, acc.process_index) if acc else (1, 0)
+    main = acc is None or acc.is_main_process
+    device = acc.device if acc else want              # one process: exactly the device asked for
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} cannot be split over {world} processes: use a multiple of "
                          f"{world} (each process takes every {world}-th image of the global batch)")
@@ -293,7 +299,7 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     # several processes (accelerate launch): DDP averages the gradients of the per-process shards, so a step
     # is the step of one process on the whole batch
-    model = acc.prepare_model(unet) if world > 1 else unet
+    model = acc.prepare_model(unet) if acc else unet
 
     def save_state():
         if not main:
@@ -325,11 +331,11 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
         t = torch.randint(0, T, (len(idx),), generator=gen)
         eps = torch.randn((len(idx), *data.images.shape[1:]), generator=gen)
         x0 = data.images[idx[mine]].to(device)
-        with acc.autocast():
-            loss = noise_prediction_error(model, scheduler, x0, labels, t=t[mine], eps=eps[mine])[0].float().mean()
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+            loss = noise_prediction_error(model, scheduler, x0, labels, t=t[mine], eps=eps[mine])[0].mean(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:
+        if acc:
             loss = acc.reduce(loss.detach(), "mean")
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
         opt.step()
@@ -357,11 +363,13 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
     bar.close()
     if main:
         log.close()
-    acc.wait_for_everyone()
+    if acc:
+        acc.wait_for_everyone()
     if step >= cfg.steps:
         path = export_ema(out, cfg.export, device=str(device), overwrite=overwrite_export) if main else \
             Path(cfg.export) if cfg.export else out / "model"
-        acc.wait_for_everyone()
+        if acc:
+            acc.wait_for_everyone()
         return path
     return out
 
