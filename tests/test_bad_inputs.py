@@ -207,7 +207,7 @@ ROWS = [
     ("load_dataset: bad split", lambda tmp: load_dataset("mnist", "valid"), ValueError,
      r"split must be 'train' or 'test', got 'valid'"),
     ("load_dataset: missing file", lambda tmp: load_dataset("cifar10", root=tmp), FileNotFoundError,
-     r"cifar10.npz not found; set \$VDU_DATA or pass root="),
+     r"cifar10.npz not found: put cifar10.npz there \(or set \$VDU_DATA / pass root=.*download=True"),
     # ---- sample ---------------------------------------------------------------------------------
     ("sample: n 0", lambda tmp: sample(unc(), SCHED, 0, progress=False), ValueError, r"need n >= 1 samples.*n=0"),
     ("sample: steps 0", lambda tmp: sample(unc(), SCHED, 2, steps=0, progress=False), ValueError,
