@@ -127,14 +127,47 @@ def sampler_quality(model_dir: str = "checkpoints/mnist/ddpm", evaluator_dir: st
     return {"samples": n, "model": model_dir, "reference": f"{n_reference} MNIST test images", "settings": rows}
 
 
+def process_scaling(steps: int = 20, batch: int = 64, dataset: str = "mnist") -> dict:
+    """Pretraining throughput with one process (all cores as threads) against two processes (half the threads
+    each) through ``accelerate launch``, same global batch: the ratio says what DDP buys on this machine."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+    cores = os.cpu_count() or 1
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for procs in (1, 2):
+            run = Path(tmp) / f"p{procs}"
+            args = ["-m", "vdu", "pretrain", "--dataset", dataset, "--steps", str(steps), "--batch-size", str(batch),
+                    "--max-train", str(batch * 4), "--warmup", "1", "--log-every", str(steps // 2),
+                    "--checkpoint-every", str(steps), "--k-snapshots", "2", "--snapshot-every", "1",
+                    "--out", str(run)]
+            launch = [sys.executable] + args if procs == 1 else \
+                [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] + args
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // procs))}
+            subprocess.run(launch, check=True, capture_output=True, env=env)
+            logs = [json.loads(line) for line in open(run / "log.jsonl") if '"loss"' in line]
+            out[f"{procs}_process_img_per_s"] = round(logs[-1]["img_per_s"], 1)   # the second half (warm)
+    out["two_over_one"] = round(out["2_process_img_per_s"] / out["1_process_img_per_s"], 2)
+    out["threads"] = f"{cores} per run in all (1 process x {cores}, 2 processes x {max(1, cores // 2)})"
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m vdu.bench")
     ap.add_argument("--dataset", default="mnist")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--quality-samples", type=int, default=256,
                     help="samples per sampler setting in the speed-vs-quality comparison (0: skip it)")
+    ap.add_argument("--no-scaling", action="store_true", help="skip the 1- vs 2-process pretraining comparison")
     a = ap.parse_args()
     res = run(a.dataset, a.batch)
+    if not a.no_scaling and not torch.cuda.is_available():
+        res["process_scaling"] = process_scaling(batch=a.batch, dataset=a.dataset)
     if a.quality_samples and a.dataset == "mnist":
         res["sampling"] = sampler_quality(n=a.quality_samples)
     path = write_results(a.dataset, "bench", res, profile="full")
