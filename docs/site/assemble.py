@@ -33,6 +33,16 @@ document$.subscribe(function () {
 """
 
 
+def _offline(nb: dict) -> dict:
+    """Drop ipywidgets state and views (progress bars of a run): they would make the page load the widget
+    manager from a CDN; their plain-text form stays."""
+    nb.get("metadata", {}).pop("widgets", None)
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            out.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
+    return nb
+
+
 def _note(nb: dict, text: str) -> dict:
     nb["cells"].insert(1, {"cell_type": "markdown", "metadata": {}, "source": text, "id": "site-note"})
     return nb
@@ -88,7 +98,7 @@ def main() -> int:
                        f"> **This page holds the smoke-profile notebook** (tiny settings, toy numbers): its full-profile "
                        f"run is not committed yet. The README reports what the full profile measured.")
             shown[name] = "smoke profile (notebooks/)"
-        (SRC / "notebooks" / f"{name}.ipynb").write_text(json.dumps(nb))
+        (SRC / "notebooks" / f"{name}.ipynb").write_text(json.dumps(_offline(nb)))
     for name, what in shown.items():
         print(f"{name:<24} {what}")
     return 0
