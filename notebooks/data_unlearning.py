@@ -191,8 +191,10 @@ per_image = None
 for name, e in entries.items():
     if e["sweep"] is None:
         r, m = run(name, e)
-        if e["method"] == "fu" and m.unlearn_log.duals:
-            per_image = {"lam_over_w": m.unlearn_log.duals[-1]["lam_over_w"], "ratio": m.unlearn_log.duals[-1]["ratio"]}
+        steps_with_lam = [d for d in m.unlearn_log.duals if d.get("lam_over_w") is not None]
+        if e["method"] == "fu" and steps_with_lam:   # an infeasible stop logs the multipliers without lam / w
+            per_image = {"lam_over_w": steps_with_lam[-1]["lam_over_w"], "ratio": steps_with_lam[-1]["ratio"],
+                         "stop": m.unlearn_log.stop_reason}
         continue
     key, values = e["sweep"]
     for v in values:
