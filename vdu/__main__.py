@@ -55,6 +55,12 @@ def _add_config_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
         p.add_argument(flag, type=parse, default=default, help=doc)
 
 
+def _main_process() -> bool:
+    """False in every process but the first of a run started by ``accelerate launch`` (they print nothing)."""
+    import os
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _method_of(argv: list[str]) -> str:
     """The --method value of an ``unlearn`` command line (before the full parser exists), default vdu."""
     for i, a in enumerate(argv):
@@ -144,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-rank", type=_int_at_least(1), default=4, help="with --trainable lora: the adapters' rank")
     p.add_argument("--concept-samples", type=_int_at_least(1), default=8,
                    help="with --concept: the model's own samples under the prompt that serve as the forget set")
-    p.add_argument("--device", default="cpu", help="with --concept: where the model runs (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--device", default="cpu", help="with --concept: where the model runs (cpu, cuda, cuda:1, ...; "
+                   "under accelerate launch, cuda means each process's own GPU)")
     p.add_argument("--n-forget", type=_int_at_least(1), default=1000, help="forget-class training images (D_f)")
     p.add_argument("--n-retain", type=_int_at_least(0), default=None,
                    help="retained-class training images (default: 2000 for methods that use D_r, else 0)")
@@ -292,7 +299,8 @@ def _unlearn_or_evaluate(a, parser, ap) -> int:
         parser.error(f"{e} (on the command line: --overwrite)")
     except (ValueError, TypeError) as e:
         parser.error(str(e))
-    print(json.dumps({"saved": a.out, **m.unlearn_log.summary()}, indent=2, default=float))
+    if _main_process():
+        print(json.dumps({"saved": a.out, **m.unlearn_log.summary()}, indent=2, default=float))
     return 0
 
 def _unlearn_concept(a, parser) -> int:
@@ -309,6 +317,9 @@ def _unlearn_concept(a, parser) -> int:
         parser.error(f"with --concept the methods are esd, ru, neggrad and vdu --stability function (got "
                      f"{a.method!r}{' --stability ' + a.stability if a.method == 'vdu' else ''}): the others need "
                      f"retain images, other classes or a weight posterior, which a prompt does not give")
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.device.startswith("cuda"):
+        a.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"      # accelerate launch: each process its own GPU
     try:
         unet, sched, _ = load_text2image(a.model, [a.concept], trainable=a.trainable, lora_rank=a.lora_rank,
                                          device=a.device)
@@ -328,8 +339,9 @@ def _unlearn_concept(a, parser) -> int:
         parser.error(f"{e} (on the command line: --overwrite)")
     except (ValueError, TypeError) as e:
         parser.error(str(e))
-    print(json.dumps({"saved": a.out, "concept": a.concept, "trainable": a.trainable, **m.unlearn_log.summary()},
-                     indent=2, default=float))
+    if _main_process():
+        print(json.dumps({"saved": a.out, "concept": a.concept, "trainable": a.trainable,
+                          **m.unlearn_log.summary()}, indent=2, default=float))
     return 0
 
 

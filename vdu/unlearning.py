@@ -35,12 +35,21 @@ range is narrow, a collapsed model can look like forgetting):
   steps, samples from a fixed seed bank give the forget-class share, PUL and the confident share
   (``vdu.evaluation``); with ``collapse_confident_min`` the run stops and restores the previous
   evaluation's weights when the confident share drops below it (blank samples are not unlearning).
+
+**Several processes** (``accelerate launch -m vdu unlearn ...`` or a script that calls ``unlearn``, on GPUs
+or CPU processes): each step's forget (and retain) batch of ``batch_size`` images is split over the k
+processes, each draws its own t and eps, and the gradients are averaged (each method's ``backward``), so a
+step is one step on the whole batch, as in one process; the logged terms, the stop rule, the guards and
+the dual updates use the mean over the processes, so every process takes the same decisions and holds
+the same weights. One process saves. ``mixed_precision="bf16"`` runs the method's forward passes under
+bfloat16 autocast.
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -54,6 +63,7 @@ from .data import UnlearnData
 from .diffusion import nll_bits_per_dim, noise_prediction_error
 from .evaluation import EvalConfig, evaluate
 from .methods import REGISTRY, Batch, get_method
+from .methods.base import mean_over_processes
 from .models import build_scheduler, check_images, check_save_target, null_class, save_model
 from .primal_dual import InfeasibleConstraint
 
@@ -69,6 +79,7 @@ class LoopConfig:
     optimizer: str = "adamw"          # "adamw" or "sgd" (plain gradient steps: the move is proportional to the gradient)
     weight_decay: float = 0.0         # weight decay (0: only the method pulls towards theta*)
     grad_clip: float | None = 1.0     # gradient-norm clip (None: off)
+    mixed_precision: str = "no"       # "no" | "bf16": the method's forward passes under bfloat16 autocast
     seed: int = 0                     # batches, t and eps of the run and of the probe
     # --- stop rule (likelihood constraint, docs/mathematics.md §2) ---
     probe_every: int = 5              # measure the fixed forget probe every N steps (0: never; the end is always checked)
@@ -95,6 +106,8 @@ class LoopConfig:
     def check(self) -> "LoopConfig":
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f'mixed_precision must be "no" or "bf16", got {self.mixed_precision!r}')
         ints = ("steps", "batch_size", "probe_every", "probe_size", "nll_timesteps", "nll_images", "eval_every",
                 "eval_samples", "eval_ddim_steps")
         for k in ints:
@@ -139,6 +152,7 @@ class UnlearnLog:
     stop_reason: str = "max_steps"                 # max_steps | stop_rule | diverged | collapse | infeasible | callback
     steps_done: int = 0                            # optimiser steps whose result was kept
     wall_s: float = 0.0
+    processes: int = 1                             # processes that shared each batch (accelerate launch)
 
     def summary(self) -> dict:
         last = self.probes[-1] if self.probes else {}
@@ -230,6 +244,27 @@ def _needs(cls, data: UnlearnData, null, posterior) -> None:
         raise ValueError(f"method {cls.name!r} needs a weight posterior: pass posterior=")
 
 
+def _processes(device: str | None, model_device: torch.device) -> tuple[int, int, torch.device]:
+    """(number of processes, this one's index, its device). Several only when started by ``accelerate launch``
+    or torchrun (WORLD_SIZE > 1): then accelerate sets up the process group and gives each process its device
+    (its own GPU, or the CPU when ``device`` says cpu or there is no GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 1, 0, torch.device(device) if device else model_device
+    from accelerate import PartialState
+    cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    if state.num_processes != int(os.environ["WORLD_SIZE"]):
+        raise RuntimeError(f"started as one of {os.environ['WORLD_SIZE']} processes, but accelerate set up "
+                           f"{state.num_processes}: check the accelerate config (accelerate env)")
+    return state.num_processes, state.process_index, state.device
+
+
+def _shard_sizes(bs: int, world: int, what: str) -> None:
+    if world > 1 and bs % world:
+        raise ValueError(f"a {what} batch of {bs} images cannot be split over {world} processes: make batch_size a "
+                         f"multiple of {world} (and give at least {world} {what} images), or run fewer processes")
+
+
 def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None, config: LoopConfig | None = None,
             method_config=None, evaluator=None, callback: Callable | None = None, **options):
     """Unlearn with ``method`` (a name of ``vdu.methods.REGISTRY``) from a diffusers UNet.
@@ -260,8 +295,12 @@ def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None,
     if cfg.save_to:
         check_save_target(cfg.save_to, cfg.overwrite)        # fail now, not after the run
     scheduler = scheduler if scheduler is not None else build_scheduler()
+    world, rank, dev = _processes(cfg.device, next(model.parameters()).device)
+    bs = min(cfg.batch_size, len(x))
+    _shard_sizes(bs, world, "forget")
+    if "retain" in cls.needs:
+        _shard_sizes(min(bs, len(data.retain)), world, "retain")
     unet = model if cfg.inplace else copy.deepcopy(model)
-    dev = torch.device(cfg.device) if cfg.device else next(unet.parameters()).device
     unet.to(dev).train()
     null = null_class(unet)
     concept = data.forget_class if data.forget_class is not None else null
@@ -271,12 +310,15 @@ def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None,
         r_labels = data.retain_labels if data.retain_labels is not None else torch.full((len(data.retain),), null)
     m = cls(unet, data, mcfg, scheduler, null, posterior)
 
-    log = UnlearnLog(method, {**asdict(cfg), **asdict(mcfg)})
+    log = UnlearnLog(method, {**asdict(cfg), **asdict(mcfg)}, processes=world)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD)(params, lr=cfg.lr,
                                                                                weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     gen_r = torch.Generator().manual_seed(cfg.seed + 1)       # retain batches: their own stream
+    # the method's draws (t, eps, ...): in one process the batch stream itself; with several, each process its own
+    gen_m = gen if world == 1 else torch.Generator().manual_seed(step_seed(cfg.seed, rank))
+    mine = slice(rank, None, world)                            # this process's share of every batch
     probe = _Probe(x, scheduler, cfg, labels)
     monitor = cfg.monitor()
     good = [p.detach().clone() for p in params]      # last weights whose loss was finite and sane
@@ -288,8 +330,19 @@ def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None,
             for p, g in zip(params, src):
                 p.copy_(g)
 
+    def agreed(rec: dict) -> dict:
+        """With several processes: the mean of each number over them, so that every process takes the same
+        stop decision from it (they compute the same probe on the same weights; this rules out a rounding
+        difference on one device ending the run there alone)."""
+        if world == 1:
+            return rec
+        keys = [k for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"]
+        t = torch.tensor([float(rec[k]) for k in keys], dtype=torch.float64, device=dev)
+        mean_over_processes([t])
+        return {**rec, **dict(zip(keys, t.tolist()))}
+
     def do_probe(step):
-        rec = {"step": step, **probe(unet, with_nll=cfg.stop_nll_delta is not None)}
+        rec = {"step": step, **agreed(probe(unet, with_nll=cfg.stop_nll_delta is not None))}
         log.probes.append(rec)
         return rec
 
@@ -299,7 +352,7 @@ def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None,
         out, _ = evaluate(unet, scheduler, evaluator, monitor, data, before=first or None, nll=False)
         if not first:
             first["labels"], out["pul"] = out["labels"], 0.0
-        rec = {"step": step, **{k: v for k, v in out.items() if k not in ("labels", "counts")}}
+        rec = {"step": step, **agreed({k: v for k, v in out.items() if k not in ("labels", "counts")})}
         log.evals.append(rec)
         return rec
 
@@ -311,18 +364,17 @@ def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None,
         log.stop_reason = "diverged"
         log.steps_done = step_kept
 
-    p0 = do_probe(0) if cfg.probe_every else probe(unet, with_nll=False)
+    p0 = do_probe(0) if cfg.probe_every else agreed(probe(unet, with_nll=False))
     if evaluator is not None and cfg.eval_every:
         do_eval(0)
         eval_good = [p.detach().clone() for p in params]
     init_forget = None
     n = len(x)
-    bs = min(cfg.batch_size, n)
     per_epoch = max(1, n // bs)
     perm = None
     nr = 0 if data.retain is None else len(data.retain)
     r_perm, r_i = None, 0
-    bar = tqdm(total=cfg.steps, desc=f"unlearn {method}", disable=not cfg.progress)
+    bar = tqdm(total=cfg.steps, desc=f"unlearn {method}", disable=not cfg.progress or rank > 0)
     step = 0
     while step < cfg.steps:
         epoch, i = divmod(step, per_epoch)
@@ -336,18 +388,22 @@ def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None,
                 r_perm, r_i = torch.randperm(nr, generator=gen_r), 0
             ridx = r_perm[r_i:r_i + rbs]
             r_i += rbs
+            ridx = ridx[mine]
             rb = data.retain[ridx].to(dev)
             rl = None if r_labels is None else r_labels[ridx].to(dev)
-        batch = Batch(x[idx].to(dev), None if labels is None else labels[idx].to(dev), rb, rl, gen, n, idx)
-        out = m.loss(unet, batch)
+        idx = idx[mine]
+        batch = Batch(x[idx].to(dev), None if labels is None else labels[idx].to(dev), rb, rl, gen_m, n, idx)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+            out = m.loss(unet, batch)
         loss = out["loss"]
-        terms = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()
+        seen = _mean_terms(out) if world > 1 else out     # what the logs, guards and duals see: the batch mean
+        terms = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in seen.items()
                  if k not in ("loss", "forget_loss") and not k.startswith("_")}
-        fl = float(out["forget_loss"])
+        fl, loss_value = _number(seen["forget_loss"]), _number(seen["loss"])
         init_forget = fl if init_forget is None else init_forget
         bad = None
-        if not all(math.isfinite(v) for v in [loss.item(), fl, *terms.values()]):
-            bad = f"non-finite loss at step {step + 1} (loss {loss.item()}, " + \
+        if not all(math.isfinite(v) for v in [loss_value, fl, *terms.values()]):
+            bad = f"non-finite loss at step {step + 1} (loss {loss_value}, " + \
                   ", ".join(f"{k} {v}" for k, v in terms.items()) + ")"
         elif fl > cfg.explode_ratio * max(init_forget, 1e-8):
             bad = f"exploding forget loss at step {step + 1}: {fl:.3g} > {cfg.explode_ratio:g} x initial {init_forget:.3g}"
@@ -368,11 +424,11 @@ def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None,
         opt.step()
         step += 1
         log.steps_done = step
-        log.steps.append({"step": step, "loss": loss.item(), **terms, "forget_loss": fl, "grad_norm": gn.item()})
+        log.steps.append({"step": step, "loss": loss_value, **terms, "forget_loss": fl, "grad_norm": gn.item()})
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4g}", forget=f"{fl:.4g}")
+        bar.set_postfix(loss=f"{loss_value:.4g}", forget=f"{fl:.4g}")
         try:
-            dual = m.after_step(unet, step, out)
+            dual = m.after_step(unet, step, seen)
         except InfeasibleConstraint as e:
             msg = f"infeasible constraint at step {step}: {e}"
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -414,23 +470,43 @@ def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None,
                 log.steps_done = log.evals[-2]["step"]
                 break
             eval_good = [p.detach().clone() for p in params]
-        if callback is not None and callback(step, unet, log):
+        if callback is not None and agreed({"stop": float(bool(callback(step, unet, log)))})["stop"] > 0:
             log.stop_reason = "callback"
             log.events.append(f"callback stopped the run at step {step}")
             break
     bar.close()
     if log.stop_reason == "max_steps" and step > 0 and not cfg.probe_every:
         # the last step's result is checked like every other one
-        end = probe(unet, with_nll=False)["forget_loss"]
+        end = agreed(probe(unet, with_nll=False))["forget_loss"]
         if not math.isfinite(end) or end > cfg.explode_ratio * p0["forget_loss"]:
             diverged(f"forget loss {end:.3g} after the last step (x{end / p0['forget_loss']:.3g} the pretrained "
                      f"model's)", good, step - 1)
     log.wall_s = time.time() - t0
     unet.eval()
     unet.unlearn_log = log
-    if cfg.save_to:
+    if cfg.save_to and rank == 0:
         save_unlearned(unet, scheduler, cfg.save_to, log, overwrite=cfg.overwrite)
+    if world > 1:
+        torch.distributed.barrier()          # the folder is complete before any process returns
     return unet
+
+
+def _number(v) -> float:
+    return float(v.detach()) if torch.is_tensor(v) else float(v)
+
+
+def step_seed(seed: int, rank: int) -> int:
+    """Seed of process ``rank``'s draws (t, eps, ...) in a run of several processes."""
+    return seed + 1_000_003 * (rank + 1)
+
+
+def _mean_terms(out: dict) -> dict:
+    """The step's tensors (loss, forget loss, terms, the duals' statistics) averaged over the processes;
+    detached copies, so the method's backward still sees its own graph."""
+    seen = {k: (v.detach().clone() if v.is_floating_point() else v.detach().double()) if torch.is_tensor(v) else v
+            for k, v in out.items()}
+    mean_over_processes([v for v in seen.values() if torch.is_tensor(v)])
+    return seen
 
 
 def save_unlearned(unet, scheduler, folder, log: UnlearnLog | None = None, overwrite: bool = False) -> Path:

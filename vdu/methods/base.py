@@ -65,7 +65,10 @@ class Method:
         raise NotImplementedError
 
     def backward(self, out: dict, params: list) -> None:
+        """Gradients of the step into ``p.grad``, averaged over processes (``accelerate launch``): a method that
+        combines gradients non-linearly averages each part first (:func:`mean_over_processes`)."""
         out["loss"].backward()
+        mean_over_processes([p.grad for p in params])
 
     def transform_grads(self, params: list) -> None:
         pass
@@ -79,6 +82,35 @@ class Method:
         sq, t = noise_prediction_error(model, self.scheduler, x, labels, generator, **kw)
         return sq.mean(1), t
 
+
+
+def processes() -> int:
+    """Number of processes of the run (1 unless started by ``accelerate launch`` or torchrun)."""
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the processes, in place (a no-op in one process)."""
+    if processes() > 1:
+        import torch.distributed as dist
+        dist.all_reduce(t)
+    return t
+
+
+def mean_over_processes(tensors: list) -> list:
+    """Average ``tensors`` in place over the processes of a run started by ``accelerate launch`` (or torchrun),
+    so that every process holds the mean of what each computed on its shard of the batch; ``None`` entries are
+    skipped. A no-op in one process. Every process must call it with the same shapes, in the same order."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    n = dist.get_world_size()
+    for t in tensors:          # one tensor at a time: no second copy of a large model's gradients
+        if t is not None:
+            dist.all_reduce(t.data)
+            t.data.div_(n)
+    return tensors
 
 
 def check_fraction(name: str, value: float) -> float:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..diffusion import forward_noise
-from .base import Method, check_nonneg
+from .base import Method, check_nonneg, mean_over_processes
 
 TARGETS = ("uniform", "gaussian")
 
@@ -51,8 +51,8 @@ class EraseDiff(Method):
         return {"loss": r.mean() + f, "L_r": r.mean(), "L_f": f, "forget_loss": (pred.detach() - eps).pow(2).mean()}
 
     def backward(self, out, params):
-        gr = torch.autograd.grad(out["L_r"], params, retain_graph=True, allow_unused=True)
-        gf = torch.autograd.grad(out["L_f"], params, allow_unused=True)
+        gr = mean_over_processes(list(torch.autograd.grad(out["L_r"], params, retain_graph=True, allow_unused=True)))
+        gf = mean_over_processes(list(torch.autograd.grad(out["L_f"], params, allow_unused=True)))
         z = lambda a, p: a if a is not None else torch.zeros_like(p)  # noqa: E731
         gr, gf = [z(a, p) for a, p in zip(gr, params)], [z(a, p) for a, p in zip(gf, params)]
         dot = sum((a * b).sum() for a, b in zip(gr, gf))

@@ -32,7 +32,7 @@ import torch
 
 from ..diffusion import forward_noise
 from ..primal_dual import DualAscent, DualDomain, InfeasibleConstraint
-from .base import Method
+from .base import Method, processes, sum_over_processes
 
 
 @dataclass
@@ -92,8 +92,11 @@ class FU(Method):
         lr_, _ = self.denoising(model, batch.retain, batch.retain_labels, g)
         coef = torch.as_tensor((self.w - self.dual.lam) / (1.0 - c.forget_mass), dtype=lf.dtype, device=lf.device)
         onehot = torch.nn.functional.one_hot(group, self.m).to(lf.dtype)          # (b, m)
-        n_g = onehot.sum(0)
-        mean_g = (onehot * lf[:, None]).sum(0) / n_g.clamp_min(1)                 # E_{D_f^i} l_theta on this batch
+        # E_{D_f^i} l_theta on this batch; with k processes, each holds k x (its share of the group's sum) / (the
+        # group's count over all processes), so that the average over the processes is the whole batch's mean
+        k = processes()
+        n_g = onehot.sum(0) if k == 1 else sum_over_processes(onehot.sum(0))
+        mean_g = k * (onehot * lf[:, None]).sum(0) / n_g.clamp_min(1)
         loss = lr_.mean() + (coef * mean_g).sum()
         return {"loss": loss, "retain_loss": lr_.mean().detach(), "forget_loss": lf.mean().detach(),
                 "_num": (onehot * lf.detach()[:, None]).sum(0), "_den": (onehot * lq[:, None]).sum(0)}

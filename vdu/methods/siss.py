@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Method, check_fraction, check_nonneg
+from .base import Method, check_fraction, check_nonneg, mean_over_processes
 
 
 @dataclass
@@ -74,9 +74,9 @@ class SISS(Method):
     def backward(self, out, params):
         s = self.config.forget_weight
         if self.config.forget_norm is None or s == 0:
-            return out["loss"].backward()
-        gr = torch.autograd.grad(out["L_r"], params, retain_graph=True, allow_unused=True)
-        gf = torch.autograd.grad(out["L_f"], params, allow_unused=True)
+            return super().backward(out, params)
+        gr = mean_over_processes(list(torch.autograd.grad(out["L_r"], params, retain_graph=True, allow_unused=True)))
+        gf = mean_over_processes(list(torch.autograd.grad(out["L_f"], params, allow_unused=True)))
         nf = torch.sqrt(sum((x ** 2).sum() for x in gf if x is not None))
         c = self.config.forget_norm / nf.clamp_min(1e-12)
         for p, a, f in zip(params, gr, gf):

@@ -62,7 +62,7 @@ import torch
 
 from ..diffusion import forward_noise, noise_prediction_error, timestep_weights
 from ..primal_dual import DualAscent, DualDomain
-from .base import Method
+from .base import Method, mean_over_processes
 
 NORMALIZATIONS = ("mean", "sum")
 CENTERS = ("mean", "deployed")
@@ -349,12 +349,13 @@ class VDU(Method):
 
     def backward(self, out, params):
         if self.config.plasticity_norm is None:
-            return out["loss"].backward()
-        gA = torch.autograd.grad(out["A"], params, retain_graph=True, allow_unused=True)
+            return super().backward(out, params)
+        gA = mean_over_processes(list(torch.autograd.grad(out["A"], params, retain_graph=True, allow_unused=True)))
         norm = torch.sqrt(sum((g.float() ** 2).sum() for g in gA if g is not None))
         scale = (self.config.plasticity_norm / norm.clamp_min(1e-12)).detach()
         g = self.current_gamma()
         (g * out["B"] + (1 - g) * scale * out["A"]).backward()
+        mean_over_processes([p.grad for p in params])
 
     def transform_grads(self, params):
         if self.precond is not None:
