@@ -30,7 +30,7 @@ def check_options(configs: dict, method: str) -> None:
 
 # the notebooks `make run-all` runs for each dataset, in reading order (each with notebooks/params/<nb>-full.yaml)
 MATRIX = {"mnist": ["pretrain", "vdu_unlearning", "benchmark", "constrained_unlearning", "data_unlearning",
-                    "evaluation"],
+                    "evaluation", "posteriors"],
           "cifar10": ["pretrain"], "tinyimagenet": ["pretrain"], "gmm": ["duality"]}
 
 

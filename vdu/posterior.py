@@ -290,7 +290,8 @@ def fisher_posterior(model: torch.nn.Module, scheduler, images: torch.Tensor, ba
     at ``VAR_FLOOR``, with ``F_i = E[(d L_simple / d theta_i)^2]`` the diagonal empirical Fisher over
     mini-batches of ``images`` (N of them). The Laplace approximation with the Fisher as the curvature:
     narrow where the forget data pins a weight, wide (up to 1) where it says nothing. Returns the dict
-    ``unlearn(..., posterior=)`` takes (``center="mean"`` and ``"deployed"`` coincide here)."""
+    ``unlearn(..., posterior=)`` takes (``center="mean"`` and ``"deployed"`` coincide here), with ``fisher``
+    (the F_i) and ``n`` (N) beside it."""
     from .diffusion import denoising_loss
     if len(images) == 0 or batch_size < 1:
         raise ValueError("fisher_posterior needs forget images and batch_size >= 1")
@@ -308,4 +309,5 @@ def fisher_posterior(model: torch.nn.Module, scheduler, images: torch.Tensor, ba
                 F[n] += gr.detach().pow(2) / nb
     deployed = {n: p.detach().clone() for n, p in params.items()}
     var = {n: (1.0 / (len(images) * F[n] + 1.0)).clamp_min(VAR_FLOOR) for n in params}
-    return {"mean": deployed, "var": var, "deployed": deployed, "k": 0, "method": "fisher"}
+    return {"mean": deployed, "var": var, "deployed": deployed, "k": 0, "method": "fisher", "fisher": F,
+            "n": len(images)}

@@ -221,7 +221,37 @@ def vdu_classes(root: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-TABLES = {"duality": duality, "constrained": constrained, "data": data, "evaluation": evaluation, "vdu": vdu_classes}
+def posteriors(root: Path) -> str:
+    d = _load("results/mnist/posteriors.json", root)
+    if d is None:
+        return "_results/mnist/posteriors.json not written yet (`make run-all`)._\n"
+    ev, c = d["evaluation"], d["common"]
+    out = [f"Class {d['forget_class']}, {d['n_forget']} forget images; {ev['n_samples']} samples per model "
+           f"({ev['sampler']}, seed bank {ev['seed_bank']}); VDU with the paper's B at γ {c['gamma']}, stop rule "
+           f"{c['stop_forget_ratio']}, at most {c['steps']} steps.", "",
+           "| posterior | K | σ* 1% / median / 99% | 99%/1% | rank corr. with snapshots | built (s) |",
+           "|---|---|---|---|---|---|"]
+    for kind, st in d["sigma"].items():
+        out.append(f"| {kind} | {st['k']} | {st['sigma_q01']:.1e} / {st['sigma_median']:.1e} / {st['sigma_q99']:.1e} | "
+                   f"{st['spread_99_1']:.1f} | {st['rank_corr']:.3f} | {st['build_s']:.0f} |")
+    opts = list(d["optimizers"])
+    out += ["", "| posterior | " + " | ".join(f"{o}: PUL % [95% CI] | {o}: u-FID (x) | {o}: confident | {o}: steps"
+                                             for o in opts) + " |",
+            "|---|" + "---|" * (4 * len(opts))]
+    rows = {(r["posterior"], r["optimizer"]): r for r in d["rows"]}
+    for kind in d["sigma"]:
+        cells = [kind]
+        for o in opts:
+            r = rows[(kind, o)]
+            cells += [_ci(r["pul"], r.get("pul_ci"), "{:.1f}"), f"{r['u_fid_ratio']:.2f}",
+                      f"{r['confident_share_after']:.2f}", f"{r['steps']} ({r['stop'].replace('_', ' ')})"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + (f"\n\nConfident share before: {d['rows'][0]['confident_share_before']:.2f}. "
+                             f"Notebook {d['wall_time_s'] / 60:.0f} min, written {d['written']}.\n")
+
+
+TABLES = {"duality": duality, "constrained": constrained, "data": data, "evaluation": evaluation, "vdu": vdu_classes,
+          "posteriors": posteriors}
 
 
 def render(text: str, root: Path = REPO) -> str:

@@ -21,7 +21,8 @@ SRC = REPO / "build" / "docs-src"
 KATEX = REPO / ".venv" / "node" / "node_modules" / "katex" / "dist"
 # reading order, and the dataset whose full run a page shows
 SERIES = [("pretrain", "mnist"), ("vdu_unlearning", "mnist"), ("duality", "gmm"), ("benchmark", "mnist"),
-          ("constrained_unlearning", "mnist"), ("data_unlearning", "mnist"), ("evaluation", "mnist")]
+          ("constrained_unlearning", "mnist"), ("data_unlearning", "mnist"), ("evaluation", "mnist"),
+          ("posteriors", "mnist")]
 RENDER = """// render $...$ and $$...$$ (notebook cells) and arithmatex's \\( \\) / \\[ \\] (markdown pages) with KaTeX
 document$.subscribe(function () {
   renderMathInElement(document.body, {
