@@ -102,10 +102,10 @@ def mean_over_processes(tensors: list) -> list:
     """Average ``tensors`` in place over the processes of a run started by ``accelerate launch`` (or torchrun),
     so that every process holds the mean of what each computed on its shard of the batch; ``None`` entries are
     skipped. A no-op in one process. Every process must call it with the same shapes, in the same order."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    n = processes()
+    if n == 1:
         return tensors
-    n = dist.get_world_size()
+    import torch.distributed as dist
     for t in tensors:          # one tensor at a time: no second copy of a large model's gradients
         if t is not None:
             dist.all_reduce(t.data)
