@@ -129,12 +129,13 @@ from vdu.data import load_dataset
 from vdu.training import pretrain
 torch.set_num_threads(1)
 data = load_dataset("mnist", "test").take(256, seed=0)
-until = int(sys.argv[2]) if len(sys.argv) > 2 else None
-pretrain(tiny_train_config(sys.argv[1]), data=data, until=until, progress=False, device="cpu")
+until = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] != "-" else None
+accum = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+pretrain(tiny_train_config(sys.argv[1], grad_accum=accum), data=data, until=until, progress=False, device="cpu")
 """
 
 
-def _launch(tmp_path, out, until=None):
+def _launch(tmp_path, out, until=None, accum=1):
     """``accelerate launch`` with 2 CPU processes of the tiny pretraining run."""
     import os
     import subprocess
@@ -144,7 +145,7 @@ def _launch(tmp_path, out, until=None):
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
     # --multi_gpu on a machine without GPUs starts the processes through torch.distributed; they run on the CPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(out)] + ([str(until)] if until else [])
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(out), str(until or "-"), str(accum)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -156,14 +157,33 @@ def test_two_processes_match_one_process_and_resume(tmp_path, small_data):
     _launch(tmp_path, tmp_path / "killed", until=3)                 # a 2-process run stopped after step 3 ...
     assert torch.load(tmp_path / "killed" / "state.pt", weights_only=False)["step"] == 3
     _launch(tmp_path, tmp_path / "killed")                          # ... and resumed with 2 processes
+    _launch(tmp_path, tmp_path / "accum", accum=2)                 # 2 processes x 2 micro-batches of 4 images
     w1 = torch.load(tmp_path / "one" / "state.pt", weights_only=False)["model"]
-    for run in ("two", "killed"):
+    for run in ("two", "killed", "accum"):
         w2 = torch.load(tmp_path / run / "state.pt", weights_only=False)["model"]
         diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
         assert diff < 1e-4, (run, diff)     # same global batch and noise: DDP's average is the one-process step
     assert (tmp_path / "two" / "model" / "unet").is_dir() and one.exists()
     logs = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")]
     assert [(r["step"], r["processes"]) for r in logs] == [(2, 2), (4, 2), (6, 2)]   # two processes, one log
+
+
+def test_gradient_accumulation_takes_the_same_step(tmp_path, small_data):
+    w = {}
+    for k in (1, 4):
+        pretrain(_cfg(tmp_path / f"acc{k}", steps=3, grad_accum=k), data=small_data, progress=False, device="cpu")
+        w[k] = torch.load(tmp_path / f"acc{k}" / "state.pt", weights_only=False)["model"]
+        losses = [json.loads(line)["loss"] for line in open(tmp_path / f"acc{k}" / "log.jsonl")]
+        w[k, "loss"] = losses
+    diff = max((w[1][n] - w[4][n]).abs().max().item() for n in w[1])
+    first = load_file(snapshot_files(tmp_path / "acc4")[0])                     # the weights after step 1
+    moved = max((w[4][n] - first[n]).abs().max().item() for n in first)
+    assert moved > 1e-4 and diff < 1e-5, (moved, diff)   # four chunks of 4 images: the step of one batch of 16
+    assert w[1, "loss"] == pytest.approx(w[4, "loss"], rel=1e-5)
+    from vdu.training import ConfigError
+    for bad in (0, 3):                          # not a positive divisor of batch_size 16
+        with pytest.raises(ConfigError, match="grad_accum"):
+            pretrain(_cfg(tmp_path / f"bad{bad}", grad_accum=bad), data=small_data, progress=False)
 
 
 def test_bf16_autocast_trains_and_an_unknown_precision_is_refused(tmp_path, small_data):

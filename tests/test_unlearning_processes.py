@@ -26,7 +26,8 @@ RUNS = {"neggrad-sgd": ("neggrad", dict(optimizer="sgd", grad_clip=None, lr=1e-2
         "siss": ("siss", dict(steps=3, forget_norm=0.5)),
         "fu": ("fu", dict(steps=4, dual_lr=0.5, dual_every=2, forget_ratio=5.0, groups=4)),
         "vdu": ("vdu", dict(steps=3, stability="function", replay_samples=4, replay_ddim_steps=2, plasticity_norm=1.0)),
-        "stopped": ("neggrad", dict(steps=50, lr=1e-2, stop_forget_ratio=1.05))}
+        "stopped": ("neggrad", dict(steps=50, lr=1e-2, stop_forget_ratio=1.05)),
+        "accum": ("vdu", dict(steps=2, stability="function", replay_samples=4, replay_ddim_steps=2, grad_accum=2))}
 LOOP = dict(batch_size=4, probe_every=1, probe_size=4, progress=False, seed=3)
 
 SCRIPT = """
@@ -169,3 +170,39 @@ def test_bf16_autocast_unlearns_close_to_float32():
     assert a != b and all(abs(u - v) < 0.05 * abs(u) for u, v in zip(a, b))
     with pytest.raises(ValueError, match="mixed_precision"):
         unlearn(tiny_unet(), x, "neggrad", mixed_precision="fp16", progress=False)
+
+
+@pytest.mark.parametrize("method,opts", [("neggrad", {}), ("siss", {"forget_norm": None})])
+def test_gradient_accumulation_is_the_step_of_its_micro_batches(method, opts):
+    """grad_accum=2 in one process: one SGD step on the mean of the gradients of the batch's two halves, each
+    drawing its t and eps from the step's generator in turn (the 2-process step draws them per process)."""
+    sgd = dict(optimizer="sgd", grad_clip=None, lr=1e-2, steps=1)
+    got = unlearn(tiny_unet(), data(), method, build_scheduler(), grad_accum=2, **LOOP, **sgd, **opts)
+    unet, d = tiny_unet(), data()
+    _, mcfg = split_options(method, opts)
+    m = get_method(method)(unet, d, mcfg, build_scheduler(), None)
+    g = torch.Generator().manual_seed(LOOP["seed"])       # one process: the batches' generator draws t and eps too
+    idx = torch.randperm(8, generator=g)[:4]
+    ridx = torch.randperm(8, generator=torch.Generator().manual_seed(LOOP["seed"] + 1))[:4]
+    state = g.get_state()
+    outs = [m.loss(unet, Batch(d.forget[i], None, d.retain[j] if "retain" in m.needs else None, None, g, 8, i))
+            for i, j in zip(idx.chunk(2), ridx.chunk(2))]
+    grad = _mean(*(_grad(o["loss"], unet) for o in outs))
+    whole = _grad(m.loss(unet, Batch(d.forget[idx], None, d.retain[ridx] if "retain" in m.needs else None, None,
+                                     g.set_state(state) or g, 8, idx))["loss"], unet)
+    for p, a, w in zip(got.parameters(), grad, unet.parameters()):
+        assert torch.allclose(p.detach(), w.detach() - 1e-2 * a, atol=1e-6)
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grad, whole))   # other draws than one batch of 4
+    log = got.unlearn_log.steps[0]
+    assert log["forget_loss"] == pytest.approx(sum(o["forget_loss"].item() for o in outs) / 2, rel=1e-5)
+
+
+def test_gradient_accumulation_is_refused_where_micro_batches_do_not_add_up():
+    for method, opts in (("fu", {"groups": 2}), ("siss", {"forget_norm": 0.5}),
+                         ("vdu", {"stability": "function", "plasticity_norm": 1.0})):
+        with pytest.raises(ValueError, match="grad_accum=1"):
+            unlearn(tiny_unet(), data(), method, build_scheduler(), grad_accum=2, **LOOP, steps=1, **opts)
+    with pytest.raises(ValueError, match="grad_accum=3"):
+        unlearn(tiny_unet(), data(), "neggrad", build_scheduler(), grad_accum=3, **LOOP, steps=1)
+    with pytest.raises(ValueError, match="grad_accum"):
+        unlearn(tiny_unet(), data(), "neggrad", build_scheduler(), grad_accum=0, **LOOP, steps=1)

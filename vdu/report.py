@@ -213,7 +213,7 @@ def vdu_classes(root: Path) -> str:
                    f"{' (classes ' + ', '.join(map(str, ok)) + ')' if ok else ''} | "
                    f"{min(secs):.0f}-{max(secs):.0f} (mean {sum(secs) / len(secs):.0f}) |")
     ev = d["evaluation"]
-    out += ["", f"{ev['samples']} samples per model (DDIM {ev['ddim_steps']}, seed bank {ev['seed_bank']}); "
+    out += ["", f"{ev.get('table_samples', ev['samples']):,} samples per model (DDIM {ev['ddim_steps']}, seed bank {ev['seed_bank']}); "
             + ("intervals: paired bootstrap, 95%. " if any("pul_ci" in r for r in d["classes"]) else
                "no intervals (this run predates them). ")
             + f"Bold: PUL >= 95% (the interval's lower end, where there is one) with u-FID <= 1.5x. "

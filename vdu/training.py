@@ -15,6 +15,7 @@ them, and the others would make the run a mix of two configs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -76,6 +77,8 @@ class TrainConfig:
     canary_repeat: int = 1            # copies of each canary in the training set (how strongly they are memorised)
     model_overrides: dict = field(default_factory=dict)  # UNet2DModel kwargs on top of the preset
     mixed_precision: str = "no"       # "no" | "bf16": autocast of the forward pass (torch.autocast)
+    grad_accum: int = 1               # micro-batches per step: each process's share of the batch is split into this
+                                      # many chunks whose gradients add up (the same step in less memory)
 
     def command(self) -> str:
         """The ``python -m vdu pretrain`` command line that reproduces this config."""
@@ -111,6 +114,9 @@ class TrainConfig:
         for name in ("warmup", "k_snapshots", "canaries"):
             integer(name, 0)
         integer("canary_repeat", 1)
+        integer("grad_accum", 1)
+        if self.batch_size % self.grad_accum:
+            bad("grad_accum", f"a divisor of batch_size ({self.batch_size})")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             bad("seed", "an integer")
         number("lr", lambda v: v > 0, "a number > 0")
@@ -243,9 +249,10 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
     world, rank = (acc.num_processes, acc.process_index) if acc else (1, 0)
     main = acc is None or acc.is_main_process
     device = acc.device if acc else want              # one process: exactly the device asked for
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} cannot be split over {world} processes: use a multiple of "
-                         f"{world} (each process takes every {world}-th image of the global batch)")
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} cannot be split over {world} processes x {cfg.grad_accum} "
+                         f"micro-batches: use a multiple of {world * cfg.grad_accum} (each process takes every "
+                         f"{world}-th image of the global batch and splits its share into grad_accum chunks)")
     out = Path(cfg.out)
     st, st_file = load_state(out)           # refuse a bad resume before loading data or building the model
     if st is not None:
@@ -330,11 +337,17 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
             labels = torch.where(drop, torch.full_like(data.labels[idx], null), data.labels[idx])[mine].to(device)
         t = torch.randint(0, T, (len(idx),), generator=gen)
         eps = torch.randn((len(idx), *data.images.shape[1:]), generator=gen)
-        x0 = data.images[idx[mine]].to(device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
-            loss = noise_prediction_error(model, scheduler, x0, labels, t=t[mine], eps=eps[mine])[0].mean(1).mean()
+        x0, t, eps = data.images[idx[mine]].to(device), t[mine], eps[mine]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        chunks = torch.arange(len(x0)).chunk(cfg.grad_accum)
+        for j, c in enumerate(chunks):    # the batch mean as a weighted sum of chunk means; DDP syncs on the last
+            sync = acc.no_sync(model) if acc and j < len(chunks) - 1 else contextlib.nullcontext()
+            with sync, torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+                part = noise_prediction_error(model, scheduler, x0[c], None if labels is None else labels[c], t=t[c],
+                                              eps=eps[c])[0].mean(1).mean() * (len(c) / len(x0))
+                part.backward()
+            loss = loss + part.detach()
         if acc:
             loss = acc.reduce(loss.detach(), "mean")
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)

@@ -80,6 +80,8 @@ class LoopConfig:
     weight_decay: float = 0.0         # weight decay (0: only the method pulls towards theta*)
     grad_clip: float | None = 1.0     # gradient-norm clip (None: off)
     mixed_precision: str = "no"       # "no" | "bf16": the method's forward passes under bfloat16 autocast
+    grad_accum: int = 1               # micro-batches per step: the (per-process) batch is split into this many chunks
+                                      # whose gradients add up, for methods whose loss is a batch mean (less memory)
     seed: int = 0                     # batches, t and eps of the run and of the probe
     # --- stop rule (likelihood constraint, docs/mathematics.md §2) ---
     probe_every: int = 5              # measure the fixed forget probe every N steps (0: never; the end is always checked)
@@ -109,14 +111,15 @@ class LoopConfig:
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f'mixed_precision must be "no" or "bf16", got {self.mixed_precision!r}')
         ints = ("steps", "batch_size", "probe_every", "probe_size", "nll_timesteps", "nll_images", "eval_every",
-                "eval_samples", "eval_ddim_steps")
+                "eval_samples", "eval_ddim_steps", "grad_accum")
         for k in ints:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{k} must be an integer, got {v!r}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
-        for k in ("batch_size", "probe_size", "nll_timesteps", "nll_images", "eval_samples", "eval_ddim_steps"):
+        for k in ("batch_size", "probe_size", "nll_timesteps", "nll_images", "eval_samples", "eval_ddim_steps",
+                  "grad_accum"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.probe_every < 0 or self.eval_every < 0:
@@ -259,10 +262,14 @@ def _processes(device: str | None, model_device: torch.device) -> tuple[int, int
     return state.num_processes, state.process_index, state.device
 
 
-def _shard_sizes(bs: int, world: int, what: str) -> None:
+def _shard_sizes(bs: int, world: int, what: str, accum: int = 1) -> None:
     if world > 1 and bs % world:
         raise ValueError(f"a {what} batch of {bs} images cannot be split over {world} processes: make batch_size a "
                          f"multiple of {world} (and give at least {world} {what} images), or run fewer processes")
+    if (bs // world) % accum:
+        raise ValueError(f"a {what} batch of {bs // world} images per process cannot be split into grad_accum={accum} "
+                         f"equal micro-batches: make batch_size a multiple of {world * accum} (and give at least "
+                         f"{world * accum} {what} images)")
 
 
 def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None, config: LoopConfig | None = None,
@@ -297,9 +304,12 @@ def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None,
     scheduler = scheduler if scheduler is not None else build_scheduler()
     world, rank, dev = _processes(cfg.device, next(model.parameters()).device)
     bs = min(cfg.batch_size, len(x))
-    _shard_sizes(bs, world, "forget")
+    if cfg.grad_accum > 1 and not cls.accumulates(mcfg):
+        raise ValueError(f"method {method!r} with these options combines its batch non-linearly (per-group means, "
+                         f"rescaled gradients), so micro-batches do not add up to its step: use grad_accum=1")
+    _shard_sizes(bs, world, "forget", cfg.grad_accum)
     if "retain" in cls.needs:
-        _shard_sizes(min(bs, len(data.retain)), world, "retain")
+        _shard_sizes(min(bs, len(data.retain)), world, "retain", cfg.grad_accum)
     unet = model if cfg.inplace else copy.deepcopy(model)
     unet.to(dev).train()
     null = null_class(unet)
@@ -392,10 +402,17 @@ def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None,
             rb = data.retain[ridx].to(dev)
             rl = None if r_labels is None else r_labels[ridx].to(dev)
         idx = idx[mine]
-        batch = Batch(x[idx].to(dev), None if labels is None else labels[idx].to(dev), rb, rl, gen_m, n, idx)
-        with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
-            out = m.loss(unet, batch)
-        loss = out["loss"]
+        rparts = torch.arange(0 if rb is None else len(rb)).chunk(cfg.grad_accum) if rb is not None else \
+            [None] * cfg.grad_accum
+        parts = [Batch(x[i].to(dev), None if labels is None else labels[i].to(dev),
+                       None if j is None else rb[j], None if j is None or rl is None else rl[j], gen_m, n, i)
+                 for i, j in zip(idx.chunk(cfg.grad_accum), rparts)]
+        if cfg.grad_accum > 1:       # each micro-batch's backward now; the terms are the chunk means' mean
+            opt.zero_grad(set_to_none=True)
+            out = _accumulate(m, unet, parts, cfg.mixed_precision == "bf16", dev)
+        else:
+            with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+                out = m.loss(unet, parts[0])
         seen = _mean_terms(out) if world > 1 else out     # what the logs, guards and duals see: the batch mean
         terms = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in seen.items()
                  if k not in ("loss", "forget_loss") and not k.startswith("_")}
@@ -408,8 +425,11 @@ def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None,
         elif fl > cfg.explode_ratio * max(init_forget, 1e-8):
             bad = f"exploding forget loss at step {step + 1}: {fl:.3g} > {cfg.explode_ratio:g} x initial {init_forget:.3g}"
         if bad is None:
-            opt.zero_grad(set_to_none=True)
-            m.backward(out, params)
+            if cfg.grad_accum > 1:
+                mean_over_processes([p.grad for p in params])
+            else:
+                opt.zero_grad(set_to_none=True)
+                m.backward(out, params)
             m.transform_grads(params)
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
             if not torch.isfinite(gn):
@@ -498,6 +518,20 @@ def _number(v) -> float:
 def step_seed(seed: int, rank: int) -> int:
     """Seed of process ``rank``'s draws (t, eps, ...) in a run of several processes."""
     return seed + 1_000_003 * (rank + 1)
+
+
+def _accumulate(m, unet, parts: list, bf16: bool, dev) -> dict:
+    """Gradient accumulation: the backward of each equal micro-batch's loss / len(parts) adds into ``p.grad``
+    (the method's loss is a batch mean, ``Method.accumulates``); returns the step's terms, the chunks' mean."""
+    out = {}
+    for b in parts:
+        with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
+            o = m.loss(unet, b)
+        (o["loss"] / len(parts)).backward()
+        for k, v in o.items():
+            v = (v.detach() if torch.is_tensor(v) else v) / len(parts)
+            out[k] = v if k not in out else out[k] + v
+    return out
 
 
 def _mean_terms(out: dict) -> dict:

@@ -60,6 +60,12 @@ class Method:
         if "teacher" in self.needs:
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
 
+    @classmethod
+    def accumulates(cls, config) -> bool:
+        """Whether micro-batches add up to this method's step (``LoopConfig.grad_accum``): its loss and logged
+        terms are batch means and its gradient is the loss's gradient (the base ``backward``)."""
+        return cls.backward is Method.backward
+
     # -- what the loop calls
     def loss(self, model, batch: Batch) -> dict:
         raise NotImplementedError

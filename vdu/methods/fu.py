@@ -79,6 +79,10 @@ class FU(Method):
                                c.patience)
         self._num, self._den = np.zeros(self.m), np.zeros(self.m)
 
+    @classmethod
+    def accumulates(cls, config):
+        return False                              # per-group means and sums for the duals, not batch means
+
     def loss(self, model, batch):
         c, g = self.config, batch.generator
         if batch.forget_index is None:

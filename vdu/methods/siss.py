@@ -71,6 +71,10 @@ class SISS(Method):
                         if batch.forget_labels is not None else None).sample.float() - eps).pow(2).mean()
         return {"loss": L_r - self.config.forget_weight * L_f, "L_r": L_r, "L_f": L_f, "forget_loss": fl}
 
+    @classmethod
+    def accumulates(cls, config):
+        return config.forget_norm is None or config.forget_weight == 0   # otherwise the forget gradient is rescaled
+
     def backward(self, out, params):
         s = self.config.forget_weight
         if self.config.forget_norm is None or s == 0:

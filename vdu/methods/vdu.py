@@ -347,6 +347,10 @@ class VDU(Method):
             rec["gamma"] = self.current_gamma()
         return rec
 
+    @classmethod
+    def accumulates(cls, config):
+        return config.plasticity_norm is None     # otherwise A's gradient is rescaled to a fixed norm
+
     def backward(self, out, params):
         if self.config.plasticity_norm is None:
             return super().backward(out, params)
