@@ -5,11 +5,13 @@ PY     := $(VENV)/bin/python
 PAPERMILL := $(PY) -m papermill --cwd notebooks --progress-bar
 
 # `make run-all` runs the full profile of each notebook of each dataset (the matrix is vdu.notebook.MATRIX;
-# NOTEBOOKS="a b" selects, FORCE=1 redoes finished ones); the executed notebooks land in docs/executed/ (what
-# the site shows; the paired notebooks/*.ipynb keep smoke outputs). An interrupted run-all resumes.
+# NOTEBOOKS="a b" selects, FORCE=1 redoes finished ones, GPU=1 applies the GPU profiles params/<nb>-gpu.yaml);
+# the executed notebooks land in docs/executed/ (what the site shows; the paired notebooks/*.ipynb keep smoke
+# outputs). An interrupted run-all resumes.
 DATASETS ?= mnist gmm
 NOTEBOOKS ?=
 FORCE ?=
+GPU ?=
 
 .PHONY: setup test unit nbval run-all bench sync lab clean docs docs-check
 setup: $(VENV)/.installed
@@ -32,7 +34,7 @@ nbval: setup
 	cd notebooks && ../$(PY) -m pytest --nbval-lax -p no:cacheprovider *.ipynb
 
 run-all: setup
-	$(PY) -m vdu run-all --datasets $(DATASETS) $(if $(NOTEBOOKS),--notebooks $(NOTEBOOKS)) $(if $(filter 1 yes true,$(FORCE)),--force)
+	$(PY) -m vdu run-all --datasets $(DATASETS) $(if $(NOTEBOOKS),--notebooks $(NOTEBOOKS)) $(if $(filter 1 yes true,$(FORCE)),--force) $(if $(filter 1 yes true,$(GPU)),--gpu)
 
 bench: setup
 	$(PY) -m vdu.bench

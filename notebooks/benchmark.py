@@ -97,6 +97,8 @@ relearn_images = 16
 relearn_steps = 2          # full: 50
 relearn_lr = 1e-4
 threads = 1
+cache_dir = None           # rows computed earlier are read from here, so an interrupted run resumes (full: runs/...)
+device = "cpu"             # "cuda": the GPU profile (params/benchmark-gpu.yaml); the evaluator stays on the CPU
 
 # %% tags=[]
 import dataclasses
@@ -114,7 +116,7 @@ from vdu.experiments import relearn, unlearn_and_measure
 from vdu.methods import get_method
 from vdu.models import load_model, null_class
 from vdu.notebook import check_params
-from vdu.results import REPO, machine, save_figure, write_results
+from vdu.results import REPO, RowCache, file_digest, machine, save_figure, write_results
 from vdu.unlearning import LoopConfig
 
 check_params(dict(n_forget=(n_forget, int, 1), n_retain=(n_retain, int, 0), n_reference=(n_reference, int, 1),
@@ -137,7 +139,7 @@ evaluation = EvalConfig(n_samples, "ddim", sample_steps, seed, nll_timesteps if 
 bases = {}
 for kind, folder in models.items():
     path = Path(folder) if Path(folder).is_absolute() else REPO / folder
-    unet, sched = load_model(path)
+    unet, sched = load_model(path, device=device)
     post = path / "posterior.safetensors"
     labels = None if null_class(unet) is None else torch.arange(n_samples) % null_class(unet)
     t0 = time.time()
@@ -147,6 +149,14 @@ for kind, folder in models.items():
     print(f"{kind}: {folder}, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, "
           f"{'conditional' if labels is not None else 'unconditional'}; {n_samples} samples in {bases[kind]['sample_s']} s")
 print(machine())
+# every row depends on these (and on its own method, options and class): rows on disk with the same key are reused
+cache = RowCache(REPO / cache_dir if cache_dir else None, evaluation=dataclasses.asdict(evaluation),
+                 weights={k: file_digest(REPO / f / "unet" / "diffusion_pytorch_model.safetensors")
+                          for k, f in models.items()},
+                 posteriors={k: file_digest(b["posterior"]) for k, b in bases.items() if b["posterior"] is not None},
+                 evaluator=file_digest(REPO / (evaluator_dir or f"checkpoints/{dataset}/evaluator") / "model.safetensors"),
+                 data=dict(dataset=dataset, file=train.name, n=len(train), n_forget=n_forget, n_retain=n_retain,
+                           n_reference=n_reference, nll_images=nll_images))
 
 # %% [markdown] tags=[]
 # ## One row = one `unlearn` call, then the same evaluation
@@ -171,8 +181,14 @@ def class_data(kind, c):
     return splits[c], befores[kind, c]
 
 
-def run(name, kind, c, **extra):
+def run(name, kind, c, grid=False, **extra):
+    """One row; with ``grid`` also the first 36 seed-bank samples of the unlearned model (the figure below)."""
     e = {k: v for k, v in entries[name].items() if k not in ("method", "models")}
+    spec = dict(entry=entries[name], kind=kind, c=c, extra=extra, loop=loop, seed=seed, grid=grid,
+                relearn=[relearn_images, relearn_steps, relearn_lr])
+    hit = cache.get(**spec)
+    if hit is not None:
+        return hit
     b = bases[kind]
     data, before = class_data(kind, c)
     if "retain" not in get_method(entries[name]["method"]).needs:
@@ -188,7 +204,13 @@ def run(name, kind, c, **extra):
         after, _ = evaluate(r, b["sched"], evaluator, evaluation, data, nll=False, class_labels=b["labels"])
         row["relearn_forget_share"] = after["forget_share"]
         row["relearn_fraction"] = after["forget_share"] / max(before["forget_share"], 1e-9)
-    return row, m
+    if grid:        # the seed bank is per sample: these are the first 36 of the evaluation's samples
+        xs = dataclasses.replace(evaluation, n_samples=36).sample(
+            m, b["sched"], class_labels=None if b["labels"] is None else torch.arange(36) % null_class(m))
+    else:
+        xs = None
+    cache.put(row, xs, **spec)
+    return row, xs
 
 
 def ci(r, k, fmt="{:.1f}"):
@@ -217,10 +239,9 @@ for kind in models:
 table, grids = [], {}
 for name, e in entries.items():
     for kind in e["models"]:
-        row, m = run(name, kind, first_class)
+        row, grids[kind, name] = run(name, kind, first_class, grid=True)
         table.append(row)
         show(row)
-        grids[kind, name] = m
         good = row["pul"] >= target["pul"] and row["u_fid_ratio"] <= target["u_fid_ratio"]
         more = all_classes if (good and row["data"] == "forget-only") else subset
         for c in [c for c in more if c != first_class]:
@@ -299,9 +320,8 @@ for kind in models:
         continue
     fig, ax = plt.subplots(1, len(names) + 1, figsize=(2.2 * (len(names) + 1), 2.6))
     ax[0].imshow(grid_array(bases[kind]["samples"][:36], 6), cmap="gray"); ax[0].set_title("pretrained", fontsize=8)
-    for a, n in zip(ax[1:], names):
-        xs = evaluation.sample(grids[kind, n], bases[kind]["sched"], class_labels=bases[kind]["labels"])
-        a.imshow(grid_array(xs[:36], 6), cmap="gray"); a.set_title(n, fontsize=8)
+    for a, n in zip(ax[1:], names):       # the first 36 seed-bank samples of each unlearned model
+        a.imshow(grid_array(grids[kind, n], 6), cmap="gray"); a.set_title(n, fontsize=8)
     for a in ax:
         a.set_axis_off()
     fig.suptitle(f"{kind}: forget class {first_class}", fontsize=9)
@@ -326,7 +346,7 @@ numbers = {"models": models, "entries": entries, "loop": loop, "target": target,
                           "conditional_prompts": "i % 10"},
            "data": {"n_forget": n_forget, "n_retain": n_retain, "dataset_file": str(train.name)},
            "relearn": {"images": relearn_images, "steps": relearn_steps, "lr": relearn_lr},
-           "summary": summary, "rows": table, "pareto": pareto_rows,
+           "summary": summary, "rows": table, "pareto": pareto_rows, "rows_from_cache": cache.hits,
            "notebook_wall_s": round(time.time() - t_start, 1)}
 path = write_results(dataset, "benchmark", numbers, profile)
 print("wrote", path.relative_to(REPO))

@@ -126,6 +126,7 @@ ks = []                    # full profile: K sweep of the posterior B (K seeded 
 k_gamma = 0.9              # gamma of the K sweep (where B binds; configs["vdu"] otherwise)
 continuation_steps = 50    # steps of each continuation in the K sweep
 threads = 1
+device = "cpu"             # "cuda": the GPU profile (params/vdu_unlearning-gpu.yaml); the evaluator stays on the CPU
 
 # %% tags=[]
 import tempfile
@@ -155,7 +156,7 @@ model_path = Path(model_dir) if Path(model_dir).is_absolute() else REPO / model_
 if not (model_path / "unet").exists():
     raise FileNotFoundError(f"no model at {model_path}: commit the MNIST DDPM there (vdu pretrain) or pass "
                             f"-p model_dir /path/to/model")
-unet, sched = load_model(model_path)
+unet, sched = load_model(model_path, device=device)
 evaluator = load_evaluator(REPO / evaluator_dir)
 posterior = load_posterior(model_path / "posterior.safetensors", unet)
 configs = {name: {**common, **c, "seed": seed} for name, c in configs.items()}
@@ -214,16 +215,17 @@ for r in scale_rows:
 from vdu.methods.vdu import StabilityRegularizer, vdu_loss
 
 g = torch.Generator().manual_seed(seed)
-x0 = x_forget[:8]
-t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=g)
-eps = torch.randn(x0.shape, generator=g)
-abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+x0 = x_forget[:8].to(device)
+t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=g).to(device)
+eps = torch.randn(x0.shape, generator=g).to(device)
+abar = sched.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1)
 xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps                        # forward process
 with torch.no_grad():
     A = -(eps - unet(xt, t).sample).pow(2).mean()                      # plasticity inducer
     params = dict(unet.named_parameters())
-    B = sum(((params[n] - posterior["mean"][n]).pow(2) / (2 * posterior["var"][n].clamp_min(1e-8))).sum()
-            for n in posterior["mean"]) / sum(p.numel() for p in params.values())   # stability regularizer
+    mu, var = ({n: v.to(device) for n, v in posterior[k].items()} for k in ("mean", "var"))   # the posterior file
+    B = sum(((params[n] - mu[n]).pow(2) / (2 * var[n].clamp_min(1e-8))).sum()
+            for n in mu) / sum(p.numel() for p in params.values())   # stability regularizer
     gamma_by_hand = 0.5
     L = gamma_by_hand * B + (1 - gamma_by_hand) * A
     lib = vdu_loss(unet, sched, x0, StabilityRegularizer(unet, posterior, center="mean"), gamma_by_hand, t=t, eps=eps)

@@ -44,3 +44,63 @@ def test_run_all_resumes_and_keeps_failures(tmp_path, monkeypatch):
         run_all(["cifar"], root=tmp_path, out=out)
     with pytest.raises(ValueError, match="unknown notebook"):
         run_all(["toy"], ["third"], root=tmp_path, out=out)
+
+
+def test_gpu_profiles_override_the_full_profile_with_parameters_the_notebook_has():
+    """Every params/<notebook>-gpu.yaml belongs to a notebook of the matrix, sets device cuda, and names only
+    parameters of that notebook's parameters cell (a typo would only show on a GPU machine, an hour in)."""
+    import ast
+    from pathlib import Path
+    root = Path(notebook.__file__).resolve().parents[1]
+    gpu = sorted((root / "notebooks" / "params").glob("*-gpu.yaml"))
+    assert gpu, "no GPU profile"
+    known = {nb for nbs in notebook.MATRIX.values() for nb in nbs}
+    for path in gpu:
+        nb = path.name[:-len("-gpu.yaml")]
+        assert nb in known, path.name
+        src = (root / "notebooks" / f"{nb}.py").read_text()
+        cell = src.split('# %% tags=["parameters"]\n', 1)[1].split("# %%", 1)[0]
+        names = {t.id for node in ast.parse(cell).body if isinstance(node, ast.Assign) for t in node.targets
+                 if isinstance(t, ast.Name)}
+        over = notebook._gpu_params(root, nb)
+        assert over["device"] == "cuda" and set(over) <= names, (nb, set(over) - names)
+        merged = notebook._full_params(root, nb, "mnist", gpu=True)
+        full = notebook._full_params(root, nb, "mnist")
+        assert merged == {**full, **over} and merged["profile"] == "full" and "device" not in full
+
+
+def test_the_gpu_profile_needs_cuda(tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no CUDA"):
+        run_all(["gmm"], root=tmp_path, out=tmp_path / "executed", gpu=True)
+    monkeypatch.setitem(notebook.MATRIX, "toy", ["first"])
+    _toy(tmp_path, "first", "print(1)")
+    (tmp_path / "notebooks" / "params" / "first-gpu.yaml").write_text("device: cuda\n")
+    lines = []
+    run_all(["toy"], root=tmp_path, out=tmp_path / "executed", gpu=True, dry_run=True, log=lines.append)
+    assert lines == ["first [toy]: would run the GPU profile -> first-toy.ipynb"]
+
+
+def test_row_cache_returns_a_row_only_for_the_same_settings_and_weights(tmp_path):
+    """The benchmark's rows on disk (vdu.results.RowCache): an interrupted full run resumes without redoing them,
+    and a changed setting, model or damaged file is recomputed, never reused."""
+    import torch
+    from vdu.results import RowCache, file_digest
+    w = tmp_path / "w.bin"
+    w.write_bytes(b"weights v1")
+    cache = RowCache(tmp_path / "cache", weights=file_digest(w), evaluation={"n_samples": 1200})
+    spec = dict(entry={"method": "neggrad", "lr": 3e-5}, c=1, extra={})
+    assert cache.get(**spec) is None
+    grid = torch.rand(36, 1, 28, 28)
+    cache.put({"pul": 97.5, "pul_ci": [95.0, 99.1], "stop": "stop_rule"}, grid, **spec)
+    row, g = RowCache(tmp_path / "cache", weights=file_digest(w), evaluation={"n_samples": 1200}).get(**spec)
+    assert row == {"pul": 97.5, "pul_ci": [95.0, 99.1], "stop": "stop_rule"} and torch.equal(g, grid)
+    assert cache.get(**{**spec, "c": 8}) is None                                  # another class
+    assert cache.get(**{**spec, "entry": {"method": "neggrad", "lr": 1e-5}}) is None   # another option
+    assert RowCache(tmp_path / "cache", weights=file_digest(w), evaluation={"n_samples": 500}).get(**spec) is None
+    w.write_bytes(b"weights v2")                                                   # a retrained model
+    assert RowCache(tmp_path / "cache", weights=file_digest(w), evaluation={"n_samples": 1200}).get(**spec) is None
+    (tmp_path / "cache" / f"{cache.key(**spec)}.json").write_text('{"row": ')    # an interrupted write elsewhere
+    assert cache.get(**spec) is None
+    assert RowCache(None).get(**spec) is None and RowCache(None).put({}, **spec) is None   # off

@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--notebooks", nargs="+", default=None, help="only these notebooks (default: all of each dataset)")
     p.add_argument("--force", action="store_true", help="redo notebooks whose full run finished earlier")
     p.add_argument("--dry-run", action="store_true", help="say what would run, run nothing")
+    p.add_argument("--gpu", action="store_true", help="the GPU profile: notebooks/params/<notebook>-gpu.yaml over the "
+                   "full profile where it exists (device cuda, bfloat16, more samples); needs CUDA")
     p = sub.add_parser("report", help="rewrite the README tables from results/ (vdu.report)")
     p.add_argument("--check", action="store_true", help="only check that the README tables match results/ (exit 1 if not)")
     a = ap.parse_args(argv)
@@ -236,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "run-all":
         from .notebook import run_all
         try:
-            run_all(a.datasets, a.notebooks, force=a.force, dry_run=a.dry_run)
-        except ValueError as e:
+            run_all(a.datasets, a.notebooks, force=a.force, dry_run=a.dry_run, gpu=a.gpu)
+        except (ValueError, RuntimeError) as e:
             ap.error(str(e))
     elif a.cmd == "report":
         from .report import main as report

@@ -49,6 +49,7 @@ def scale_table(unet, scheduler, posterior: dict, x: torch.Tensor, dataset_size:
     from .methods.vdu import CENTERS, NORMALIZATIONS, StabilityRegularizer, plasticity_inducer
 
     params = list(unet.parameters())
+    x = x.to(params[0].device)
     rows = []
     for norm in NORMALIZATIONS:
         for cen in reversed(CENTERS):   # "deployed" first

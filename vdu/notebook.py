@@ -50,11 +50,14 @@ def finished(path) -> bool:
 
 
 def run_all(datasets=None, notebooks=None, force: bool = False, root=None, out=None, dry_run: bool = False,
-            log=print) -> list[dict]:
+            log=print, gpu: bool = False) -> list[dict]:
     """Run the full profile of every (notebook, dataset) of :data:`MATRIX` with papermill, in order, writing
     ``docs/executed/<notebook>-<dataset>.ipynb``. A cell already finished is skipped (``force`` redoes it), so
     an interrupted ``make run-all`` resumes where it stopped; a run writes to a temporary file first and a
-    failed one is kept as ``<notebook>-<dataset>.failed.ipynb``. ``datasets`` / ``notebooks`` select."""
+    failed one is kept as ``<notebook>-<dataset>.failed.ipynb``. ``datasets`` / ``notebooks`` select.
+
+    ``gpu``: the GPU profile — ``params/<notebook>-gpu.yaml``, where a notebook has one, overrides its full
+    profile (device cuda, bfloat16 autocast, more samples); refused on a machine without CUDA."""
     import os
     import time
     from pathlib import Path
@@ -68,6 +71,11 @@ def run_all(datasets=None, notebooks=None, force: bool = False, root=None, out=N
     known = {nb for nbs in MATRIX.values() for nb in nbs}
     if wanted and wanted - known:
         raise ValueError(f"unknown notebook(s) {sorted(wanted - known)}; known: {sorted(known)}")
+    if gpu and not dry_run:
+        import torch
+        if not torch.cuda.is_available():
+            raise RuntimeError("the GPU profile (--gpu) runs the notebooks on device cuda, and torch sees no CUDA "
+                               "device here: run the full profile without --gpu, or on a machine with a GPU")
     out.mkdir(parents=True, exist_ok=True)
     done = []
     for ds in datasets:
@@ -80,17 +88,18 @@ def run_all(datasets=None, notebooks=None, force: bool = False, root=None, out=N
                 log(f"{nb} [{ds}]: finished earlier, skipped ({target.name}; --force to redo)")
                 done.append({**row, "status": "skipped"})
                 continue
+            profile = "GPU profile" if gpu and _gpu_params(root, nb) else "full profile"
             if dry_run:
-                log(f"{nb} [{ds}]: would run the full profile -> {target.name}")
+                log(f"{nb} [{ds}]: would run the {profile} -> {target.name}")
                 done.append({**row, "status": "would run"})
                 continue
-            log(f"{nb} [{ds}]: running the full profile -> {target.name}")
+            log(f"{nb} [{ds}]: running the {profile} -> {target.name}")
             import papermill as pm
             tmp = target.with_name(f".{target.stem}.running.ipynb")
             t0 = time.time()
             try:
                 pm.execute_notebook(str(root / "notebooks" / f"{nb}.ipynb"), str(tmp),
-                                    parameters=_full_params(root, nb, ds), cwd=str(root / "notebooks"),
+                                    parameters=_full_params(root, nb, ds, gpu), cwd=str(root / "notebooks"),
                                     progress_bar=True)
             except BaseException:
                 if tmp.exists():
@@ -102,9 +111,16 @@ def run_all(datasets=None, notebooks=None, force: bool = False, root=None, out=N
     return done
 
 
-def _full_params(root, nb: str, ds: str) -> dict:
+def _full_params(root, nb: str, ds: str, gpu: bool = False) -> dict:
     import yaml
     path = root / "notebooks" / "params" / f"{nb}-full.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: every notebook of the matrix needs its full profile")
-    return {**(yaml.safe_load(path.read_text()) or {}), "dataset": ds}
+    return {**(yaml.safe_load(path.read_text()) or {}), **(_gpu_params(root, nb) if gpu else {}), "dataset": ds}
+
+
+def _gpu_params(root, nb: str) -> dict:
+    """The GPU profile's overrides of ``nb``'s full profile (``params/<nb>-gpu.yaml``; {} where there is none)."""
+    import yaml
+    path = root / "notebooks" / "params" / f"{nb}-gpu.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}

@@ -123,7 +123,7 @@ def load_posterior(path: str | os.PathLike, model: torch.nn.Module) -> dict:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"posterior file {path} is corrupt: {e}") from e
-    deployed = {n: p.detach().clone().float() for n, p in model.named_parameters()}
+    deployed = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}   # on the CPU, any model
     for name, p in deployed.items():
         if f"delta.{name}" not in flat:
             raise ValueError(f"posterior {path} has no statistics for parameter {name!r}: "

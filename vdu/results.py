@@ -50,3 +50,73 @@ def save_figure(fig, dataset: str, name: str, profile: str = "smoke", root: str 
     path = results_dir(dataset, profile, root) / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (what a cached row's model or evaluator was)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class RowCache:
+    """Rows of a long notebook run on disk, so that an interrupted run (or one continued in another session)
+    does not redo them: one ``<key>.json`` per row (and ``<key>.pt`` for tensors that go with it, e.g. a sample
+    grid), written atomically, where the key is the SHA-256 of ``context`` (what the whole run depends on: the
+    weights' digests, the evaluation, the data) and the row's ``spec`` (its method, options, class ...).
+
+    The code is not in the key: after changing a method, clear the folder (each row records the commit it
+    was computed at). ``folder=None`` turns the cache off."""
+
+    def __init__(self, folder: str | os.PathLike | None, **context):
+        self.folder = Path(folder) if folder else None
+        self.context = context
+        self.hits = 0
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def key(self, **spec) -> str:
+        import hashlib
+        text = json.dumps({"context": self.context, "spec": spec}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def get(self, **spec) -> tuple[dict, torch.Tensor | None] | None:
+        """The row of ``spec`` and its tensor (or None), or None when it was not computed yet."""
+        if self.folder is None:
+            return None
+        k = self.key(**spec)
+        path = self.folder / f"{k}.json"
+        if not path.exists():
+            return None
+        try:
+            row = json.loads(path.read_text())["row"]
+        except (ValueError, KeyError):      # a damaged file is recomputed, not trusted
+            return None
+        t = self.folder / f"{k}.pt"
+        self.hits += 1
+        return row, (torch.load(t) if t.exists() else None)
+
+    def put(self, row: dict, tensor: torch.Tensor | None = None, **spec) -> None:
+        if self.folder is None:
+            return
+        k = self.key(**spec)
+        if tensor is not None:                 # the tensor first: a row on disk always has its tensor
+            tmp = self.folder / f".{k}.pt.tmp"
+            torch.save(tensor.detach().cpu(), tmp)
+            os.replace(tmp, self.folder / f"{k}.pt")
+        tmp = self.folder / f".{k}.json.tmp"
+        tmp.write_text(json.dumps({"spec": spec, "commit": _commit(), "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                   "row": row}, indent=1, default=float))
+        os.replace(tmp, self.folder / f"{k}.json")
+
+
+def _commit() -> str | None:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
