@@ -38,3 +38,23 @@ def test_missing_results_and_unknown_blocks(tmp_path):
     readme.write_text("<!-- report:nosuch -->\n<!-- /report -->\n")
     with pytest.raises(ValueError, match="no table"):
         report.main(readme=readme, root=tmp_path)
+
+
+def test_a_target_is_met_only_by_the_whole_interval(tmp_path):
+    """The VDU class table marks PUL >= 95% with u-FID <= 1.5x in bold only when PUL's interval lies above 95
+    and u-FID's below 1.5x the pretrained value; without intervals (older runs) the point decides."""
+    row = dict(config="vdu-function", forget_class=1, steps=40, stop="stop_rule", unlearn_s=90.0, pul=98.0,
+               u_fid_ratio=1.0, forget_share_before=0.1, u_fid_before=10.0, u_fid_after=10.0,
+               confident_share_before=0.6, confident_share_after=0.6)
+    rows = [dict(row, forget_class=0, pul_ci=[96.0, 100.0], u_fid_after_ci=[9.0, 14.0]),   # met
+            dict(row, forget_class=1, pul_ci=[93.0, 100.0], u_fid_after_ci=[9.0, 14.0]),   # PUL interval too wide
+            dict(row, forget_class=2, pul_ci=[96.0, 100.0], u_fid_after_ci=[9.0, 16.0]),   # u-FID up to 1.6x
+            dict(row, forget_class=3)]                                                    # no intervals: the point
+    (tmp_path / "results" / "mnist").mkdir(parents=True)
+    (tmp_path / "results" / "mnist" / "vdu_unlearning.json").write_text(json.dumps(dict(
+        classes=rows, evaluation=dict(samples=256, table_samples=1500, ddim_steps=20, seed_bank=0), machine="m",
+        notebook_wall_s=60.0, written="now")))
+    table = report.vdu_classes(tmp_path)
+    bold = {line.split(" | ")[0].strip("| ") for line in table.splitlines() if "**98.0" in line}
+    assert bold == {"0", "3"}, table
+    assert "2 / 4 (classes 0, 3)" in table and "1,500 samples per model" in table

@@ -173,9 +173,10 @@ def vdu_classes(root: Path) -> str:
     classes = sorted({c for _, c in rows})
     names = [n for n in ("vdu", "vdu-function") if any(k[0] == n for k in rows)]
 
-    def met(r):
-        lo = (r.get("pul_ci") or [r["pul"]])[0]            # the interval's lower end when there is one
-        return lo >= 95.0 and r["u_fid_ratio"] <= 1.5
+    def met(r):     # the target holds for the interval: PUL's lower end and u-FID's upper end, where there are some
+        lo = (r.get("pul_ci") or [r["pul"]])[0]
+        hi = (r.get("u_fid_after_ci") or [r["u_fid_after"]])[-1] / r["u_fid_before"]
+        return lo >= 95.0 and hi <= 1.5
 
     def pul(r):
         v = _ci(r["pul"], r.get("pul_ci"), "{:.1f}")
@@ -191,8 +192,8 @@ def vdu_classes(root: Path) -> str:
         first = next(r for r in rs if r)
         cells = [str(c), f"{first['forget_share_before']:.3f}"]
         for r in rs:
-            cells += ["—"] * 3 if r is None else [pul(r), f"{r['u_fid_after']:.2f} ({r['u_fid_ratio']:.2f}x)",
-                                                  f"{r['confident_share_after']:.2f}"]
+            cells += ["—"] * 3 if r is None else [pul(r), f"{_ci(r['u_fid_after'], r.get('u_fid_after_ci'))} "
+                                                  f"({r['u_fid_ratio']:.2f}x)", f"{r['confident_share_after']:.2f}"]
         f = rows.get(("vdu-function", c))
         cells.append("—" if f is None or "forget_nll_after" not in f else
                      f"{f['forget_nll_before']:.3f} → {f['forget_nll_after']:.3f} / {f['retain_nll_before']:.3f} → "
@@ -216,7 +217,8 @@ def vdu_classes(root: Path) -> str:
     out += ["", f"{ev.get('table_samples', ev['samples']):,} samples per model (DDIM {ev['ddim_steps']}, seed bank {ev['seed_bank']}); "
             + ("intervals: paired bootstrap, 95%. " if any("pul_ci" in r for r in d["classes"]) else
                "no intervals (this run predates them). ")
-            + f"Bold: PUL >= 95% (the interval's lower end, where there is one) with u-FID <= 1.5x. "
+            + f"Bold: PUL >= 95% and u-FID <= 1.5x the pretrained model's, for the whole interval where there is "
+              f"one (PUL's lower end, u-FID's upper end). "
               f"{d['machine']}, notebook {d['notebook_wall_s'] / 60:.0f} min, written {d['written']}."]
     return "\n".join(out) + "\n"
 

@@ -402,8 +402,7 @@ def unlearn(model, data, method: str = "vdu", scheduler=None, *, posterior=None,
             rb = data.retain[ridx].to(dev)
             rl = None if r_labels is None else r_labels[ridx].to(dev)
         idx = idx[mine]
-        rparts = torch.arange(0 if rb is None else len(rb)).chunk(cfg.grad_accum) if rb is not None else \
-            [None] * cfg.grad_accum
+        rparts = [None] * cfg.grad_accum if rb is None else torch.arange(len(rb)).chunk(cfg.grad_accum)
         parts = [Batch(x[i].to(dev), None if labels is None else labels[i].to(dev),
                        None if j is None else rb[j], None if j is None or rl is None else rl[j], gen_m, n, i)
                  for i, j in zip(idx.chunk(cfg.grad_accum), rparts)]
