@@ -72,7 +72,7 @@ def test_gpu_profiles_override_the_full_profile_with_parameters_the_notebook_has
 def test_the_gpu_profile_needs_cuda(tmp_path, monkeypatch):
     import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="no CUDA"):
+    with pytest.raises(notebook.NoGPUError, match="no CUDA"):
         run_all(["gmm"], root=tmp_path, out=tmp_path / "executed", gpu=True)
     monkeypatch.setitem(notebook.MATRIX, "toy", ["first"])
     _toy(tmp_path, "first", "print(1)")
@@ -104,3 +104,32 @@ def test_row_cache_returns_a_row_only_for_the_same_settings_and_weights(tmp_path
     (tmp_path / "cache" / f"{cache.key(**spec)}.json").write_text('{"row": ')    # an interrupted write elsewhere
     assert cache.get(**spec) is None
     assert RowCache(None).get(**spec) is None and RowCache(None).put({}, **spec) is None   # off
+    cache.put({"pul": 90.0}, grid, **spec)
+    (tmp_path / "cache" / f"{cache.key(**spec)}.pt").write_bytes(b"not a tensor")   # unreadable grid
+    assert cache.get(with_tensor=True, **spec) is None and cache.get(**spec)[0] == {"pul": 90.0}
+    (tmp_path / "cache" / f"{cache.key(**spec)}.pt").unlink()                       # missing grid
+    assert cache.get(with_tensor=True, **spec) is None
+
+
+def test_what_a_cached_row_is_keyed_by(tmp_path):
+    """A model folder's digest follows its weights and configs but not its card; the code digest follows the
+    sources of the modules a row is computed by."""
+    from vdu.results import folder_digest, source_digest
+    m = tmp_path / "model"
+    (m / "unet").mkdir(parents=True)
+    (m / "unet" / "w.safetensors").write_bytes(b"w1")
+    (m / "unet" / "config.json").write_text("{}")
+    d = folder_digest(m)
+    (m / "card.json").write_text('{"notes": "new"}')
+    (m / "samples.png").write_bytes(b"png")
+    assert folder_digest(m) == d
+    (m / "unet" / "config.json").write_text('{"layers": 2}')
+    assert folder_digest(m) != d
+    (tmp_path / "vdu" / "methods").mkdir(parents=True)
+    (tmp_path / "vdu" / "methods" / "a.py").write_text("x = 1\n")
+    (tmp_path / "vdu" / "loop.py").write_text("y = 1\n")
+    code = source_digest(["vdu/methods", "vdu/loop.py"], root=tmp_path)
+    (tmp_path / "vdu" / "other.py").write_text("z = 1\n")                       # not a row's module
+    assert source_digest(["vdu/methods", "vdu/loop.py"], root=tmp_path) == code
+    (tmp_path / "vdu" / "methods" / "a.py").write_text("x = 2\n")
+    assert source_digest(["vdu/methods", "vdu/loop.py"], root=tmp_path) != code

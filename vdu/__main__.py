@@ -236,10 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         except FileExistsError as e:
             ap.error(str(e))
     elif a.cmd == "run-all":
-        from .notebook import run_all
+        from .notebook import NoGPUError, run_all
         try:
             run_all(a.datasets, a.notebooks, force=a.force, dry_run=a.dry_run, gpu=a.gpu)
-        except (ValueError, RuntimeError) as e:
+        except (ValueError, NoGPUError) as e:
             ap.error(str(e))
     elif a.cmd == "report":
         from .report import main as report

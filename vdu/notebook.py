@@ -49,6 +49,10 @@ def finished(path) -> bool:
         meta.get("parameters", {}).get("profile") == "full"
 
 
+class NoGPUError(RuntimeError):
+    """The GPU profile was asked for on a machine where torch sees no CUDA device."""
+
+
 def run_all(datasets=None, notebooks=None, force: bool = False, root=None, out=None, dry_run: bool = False,
             log=print, gpu: bool = False) -> list[dict]:
     """Run the full profile of every (notebook, dataset) of :data:`MATRIX` with papermill, in order, writing
@@ -74,7 +78,7 @@ def run_all(datasets=None, notebooks=None, force: bool = False, root=None, out=N
     if gpu and not dry_run:
         import torch
         if not torch.cuda.is_available():
-            raise RuntimeError("the GPU profile (--gpu) runs the notebooks on device cuda, and torch sees no CUDA "
+            raise NoGPUError("the GPU profile (--gpu) runs the notebooks on device cuda, and torch sees no CUDA "
                                "device here: run the full profile without --gpu, or on a machine with a GPU")
     out.mkdir(parents=True, exist_ok=True)
     done = []

@@ -62,14 +62,48 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def folder_digest(folder: str | os.PathLike) -> str:
+    """SHA-256 of what a model folder computes with: every file's relative path and bytes (weights, configs),
+    except its card, logs and pictures (``card.json``, ``unlearn.json``, ``*.png``, ``*.md``)."""
+    import hashlib
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if f.name in ("card.json", "unlearn.json") or f.suffix in (".png", ".md"):
+            continue
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(file_digest(f).encode())
+    return h.hexdigest()
+
+
+# the modules a table row of the class-unlearning notebooks is computed by: their sources are part of a row's key
+ROW_CODE = ("vdu/methods", "vdu/unlearning.py", "vdu/evaluation.py", "vdu/diffusion.py", "vdu/metrics.py",
+            "vdu/experiments.py", "vdu/models.py", "vdu/evaluator.py", "vdu/data.py", "vdu/posterior.py",
+            "vdu/primal_dual.py")
+
+
+def source_digest(paths=ROW_CODE, root: str | os.PathLike | None = None) -> str:
+    """SHA-256 of the Python sources under ``paths`` (files or folders, relative to the repository)."""
+    import hashlib
+    root = Path(root) if root else REPO
+    h = hashlib.sha256()
+    for p in paths:
+        files = sorted((root / p).rglob("*.py")) if (root / p).is_dir() else [root / p]
+        for f in files:
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 class RowCache:
     """Rows of a long notebook run on disk, so that an interrupted run (or one continued in another session)
     does not redo them: one ``<key>.json`` per row (and ``<key>.pt`` for tensors that go with it, e.g. a sample
     grid), written atomically, where the key is the SHA-256 of ``context`` (what the whole run depends on: the
     weights' digests, the evaluation, the data) and the row's ``spec`` (its method, options, class ...).
 
-    The code is not in the key: after changing a method, clear the folder (each row records the commit it
-    was computed at). ``folder=None`` turns the cache off."""
+    Put the code in the context too (:func:`source_digest`): a row computed before a change of a method, the
+    loop or the evaluation is then recomputed, never reused. Each row records the machine and the commit
+    that computed it. ``folder=None`` turns the cache off."""
 
     def __init__(self, folder: str | os.PathLike | None, **context):
         self.folder = Path(folder) if folder else None
@@ -83,8 +117,9 @@ class RowCache:
         text = json.dumps({"context": self.context, "spec": spec}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
-    def get(self, **spec) -> tuple[dict, torch.Tensor | None] | None:
-        """The row of ``spec`` and its tensor (or None), or None when it was not computed yet."""
+    def get(self, with_tensor: bool = False, **spec) -> tuple[dict, torch.Tensor | None] | None:
+        """The row of ``spec`` and its tensor (or None), or None when it was not computed yet. A damaged file,
+        or (``with_tensor``) a missing or unreadable tensor, counts as not computed: the row is redone."""
         if self.folder is None:
             return None
         k = self.key(**spec)
@@ -93,11 +128,18 @@ class RowCache:
             return None
         try:
             row = json.loads(path.read_text())["row"]
-        except (ValueError, KeyError):      # a damaged file is recomputed, not trusted
+        except (ValueError, KeyError):
             return None
-        t = self.folder / f"{k}.pt"
+        t, tensor = self.folder / f"{k}.pt", None
+        if t.exists():
+            try:
+                tensor = torch.load(t)
+            except Exception:       # noqa: BLE001 (any unreadable file: recompute)
+                tensor = None
+        if with_tensor and tensor is None:
+            return None
         self.hits += 1
-        return row, (torch.load(t) if t.exists() else None)
+        return row, tensor
 
     def put(self, row: dict, tensor: torch.Tensor | None = None, **spec) -> None:
         if self.folder is None:
@@ -108,8 +150,8 @@ class RowCache:
             torch.save(tensor.detach().cpu(), tmp)
             os.replace(tmp, self.folder / f"{k}.pt")
         tmp = self.folder / f".{k}.json.tmp"
-        tmp.write_text(json.dumps({"spec": spec, "commit": _commit(), "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                   "row": row}, indent=1, default=float))
+        tmp.write_text(json.dumps({"spec": spec, "commit": _commit(), "machine": machine(),
+                                   "written": time.strftime("%Y-%m-%d %H:%M:%S"), "row": row}, indent=1, default=float))
         os.replace(tmp, self.folder / f"{k}.json")
 
 

@@ -343,9 +343,10 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
         chunks = torch.arange(len(x0)).chunk(cfg.grad_accum)
         for j, c in enumerate(chunks):    # the batch mean as a weighted sum of chunk means; DDP syncs on the last
             sync = acc.no_sync(model) if acc and j < len(chunks) - 1 else contextlib.nullcontext()
-            with sync, torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
-                part = noise_prediction_error(model, scheduler, x0[c], None if labels is None else labels[c], t=t[c],
-                                              eps=eps[c])[0].mean(1).mean() * (len(c) / len(x0))
+            with sync:
+                with torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+                    part = noise_prediction_error(model, scheduler, x0[c], None if labels is None else labels[c],
+                                                  t=t[c], eps=eps[c])[0].mean(1).mean() * (len(c) / len(x0))
                 part.backward()
             loss = loss + part.detach()
         if acc:

@@ -63,7 +63,9 @@ class Method:
     @classmethod
     def accumulates(cls, config) -> bool:
         """Whether micro-batches add up to this method's step (``LoopConfig.grad_accum``): its loss and logged
-        terms are batch means and its gradient is the loss's gradient (the base ``backward``)."""
+        terms are batch means and its gradient is the loss's gradient (the base ``backward``). Each micro-batch
+        draws its own randomness (t, eps; ESD's and RU's sampling depth), so a run with grad_accum > 1 takes
+        steps of the same expectation as grad_accum = 1, from other draws."""
         return cls.backward is Method.backward
 
     # -- what the loop calls
