@@ -126,6 +126,7 @@ ks = []                    # full profile: K sweep of the posterior B (K seeded 
 k_gamma = 0.9              # gamma of the K sweep (where B binds; configs["vdu"] otherwise)
 continuation_steps = 50    # steps of each continuation in the K sweep
 threads = 1
+cache_dir = None           # rows computed earlier are read from here, so an interrupted run resumes (full: runs/...)
 device = "cpu"             # "cuda": the GPU profile (params/vdu_unlearning-gpu.yaml); the evaluator stays on the CPU
 
 # %% tags=[]
@@ -144,7 +145,7 @@ from vdu.experiments import scale_table, trajectory, unlearn_and_measure
 from vdu.models import load_model
 from vdu.notebook import check_options, check_params
 from vdu.posterior import load_posterior, make_posterior
-from vdu.results import REPO, machine, save_figure, write_results
+from vdu.results import REPO, RowCache, folder_digest, machine, save_figure, source_digest, write_results
 from vdu.unlearning import LoopConfig, unlearn
 
 torch.set_num_threads(threads)
@@ -169,6 +170,22 @@ check_params(dict(n_forget=(n_forget, int, 1), n_samples=(n_samples, int, 1),
                   continuation_steps=(continuation_steps, int, 1), forget_class=(forget_class, int, 0),
                   threads=(threads, int, 1)))
 evaluation = EvalConfig(n_samples, "ddim", ddim_steps, seed, nll_timesteps)
+cache = RowCache(None)
+if cache_dir:   # every row depends on these and on its own spec: a row on disk with the same key is reused
+    cache = RowCache(REPO / cache_dir, code=source_digest(), model=folder_digest(model_path),
+                     evaluator=folder_digest(REPO / evaluator_dir),
+                     data=dict(dataset=dataset, forget_class=forget_class, n_forget=n_forget, n_reference=n_reference,
+                               nll_images=nll_images, seed=seed))
+
+
+def cached(compute, **spec):
+    """``compute()``'s row, or the row computed earlier for the same spec (``cache_dir``)."""
+    hit = cache.get(**spec)
+    if hit is not None:
+        return hit[0]
+    row = compute()
+    cache.put(row, **spec)
+    return row
 print(machine())
 print(f"model: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters; posterior K={posterior['k']} "
       f"({posterior['method']})")
@@ -262,8 +279,11 @@ trajectories = {}
 loop_common = {k: v for k, v in common.items() if k in LoopConfig.__dataclass_fields__}  # NegGrad has no B options
 runs = {**configs, "neggrad": {**loop_common, "lr": neggrad_lr, "seed": seed}} if trajectory_steps else {}
 for name, c in runs.items():
-    trajectories[name] = trajectory(unet, sched, evaluator, split, c, evaluation, trajectory_steps, trajectory_every,
-                                    posterior, method="neggrad" if name == "neggrad" else "vdu")
+    trajectories[name] = cached(lambda: trajectory(unet, sched, evaluator, split, c, evaluation, trajectory_steps,
+                                                   trajectory_every, posterior,
+                                                   method="neggrad" if name == "neggrad" else "vdu"),
+                                part="trajectory", name=name, config=c, steps=trajectory_steps, every=trajectory_every,
+                                evaluation=evaluation)
     for e in trajectories[name]:
         print(f"{name:>13} step {e['step']:3d}: forget loss x{e['forget_loss_ratio']:.3f}  PUL {e['pul']:6.1f}%  "
               f"confident {e['confident_share']:.2f}  u-FID {e['u_fid']:.2f}")
@@ -338,8 +358,9 @@ for norm in ("mean", "sum") if ablation_steps else ():
     for cen in ("deployed", "mean"):
         c = {**configs["vdu"], "normalization": norm, "center": cen, "steps": ablation_steps, "stop_forget_ratio": None,
              "probe_every": ablation_steps}
-        row = unlearn_and_measure(unet, sched, evaluator, split, before, c, evaluation, posterior, nll=False,
-                                  name=f"{norm}/{cen}")
+        row = cached(lambda: unlearn_and_measure(unet, sched, evaluator, split, before, c, evaluation, posterior,
+                                                 nll=False, name=f"{norm}/{cen}"),
+                     part="ablation", config=c, evaluation=evaluation)
         ablation.append(row)
         print(f"{norm:>4} / {cen:>8}: PUL {row['pul']:.1f}%, confident {row['confident_share_after']:.2f}, "
               f"u-FID {row['u_fid_after']:.2f}")
@@ -375,8 +396,9 @@ def show(r):
 table = []
 for c in classes:
     for name, cf in configs.items():
-        table.append(unlearn_and_measure(unet, sched, evaluator, *class_data(c, table_evaluation), cf, table_evaluation,
-                                         posterior, name=name))
+        table.append(cached(lambda: unlearn_and_measure(unet, sched, evaluator, *class_data(c, table_evaluation), cf,
+                                                        table_evaluation, posterior, name=name),
+                            part="table", name=name, c=c, config=cf, evaluation=table_evaluation))
         show(table[-1])
 
 # %% [markdown] tags=[]
@@ -387,8 +409,9 @@ for c in classes:
 gamma_sweep = []
 for name, cf in configs.items():
     for gm in gammas.get(name, []):
-        r = unlearn_and_measure(unet, sched, evaluator, *class_data(forget_class), {**cf, "gamma": gm}, evaluation,
-                                posterior, nll=False, name=name)
+        r = cached(lambda: unlearn_and_measure(unet, sched, evaluator, *class_data(forget_class), {**cf, "gamma": gm},
+                                               evaluation, posterior, nll=False, name=name),
+                   part="gamma", name=name, config={**cf, "gamma": gm}, evaluation=evaluation)
         gamma_sweep.append({**r, "gamma": gm})
         show(r)
 if gamma_sweep:
@@ -413,20 +436,28 @@ for name, cf in configs.items() if forget_fractions else ():
     for fr in forget_fractions:
         sp = class_split(train, test, forget_class, fraction=fr, n_reference=n_reference, nll_images=nll_images,
                           seed=seed)
-        r = unlearn_and_measure(unet, sched, evaluator, sp, class_data(forget_class)[1], cf, evaluation, posterior,
-                                nll=False, name=name)
+        r = cached(lambda: unlearn_and_measure(unet, sched, evaluator, sp, class_data(forget_class)[1], cf, evaluation,
+                                               posterior, nll=False, name=name),
+                   part="size", name=name, fraction=fr, config=cf, evaluation=evaluation)
         size_sweep.append({**r, "fraction": fr})
         show(r)
 k_sweep = []
 work = Path(tempfile.mkdtemp(prefix="vdu-k-sweep-"))
-for k in ks:
+
+
+def k_row(k):
     pk = load_posterior(make_posterior(model_path, method="continuations", k=k, continuation_steps=continuation_steps,
                                        work_dir=work, out=work / f"posterior-K{k}.safetensors", progress=False), unet)
     r = unlearn_and_measure(unet, sched, evaluator, *class_data(forget_class), {**configs["vdu"], "gamma": k_gamma},
                             evaluation, pk, nll=False, name="vdu")
-    k_sweep.append({**r, "K": k, "gamma": k_gamma, "posterior": "continuations", "median_sigma":
-                    torch.cat([v.sqrt().flatten() for v in pk["var"].values()]).median().item()})
-    show(r)
+    return {**r, "K": k, "gamma": k_gamma, "posterior": "continuations", "median_sigma":
+            torch.cat([v.sqrt().flatten() for v in pk["var"].values()]).median().item()}
+
+
+for k in ks:
+    k_sweep.append(cached(lambda: k_row(k), part="K", k=k, continuation_steps=continuation_steps,
+                          config={**configs["vdu"], "gamma": k_gamma}, evaluation=evaluation))
+    show(k_sweep[-1])
 
 # %% [markdown] tags=[]
 # ## Adapt this to your own class or images

@@ -90,13 +90,15 @@ def test_row_cache_returns_a_row_only_for_the_same_settings_and_weights(tmp_path
     w = tmp_path / "w.bin"
     w.write_bytes(b"weights v1")
     cache = RowCache(tmp_path / "cache", weights=file_digest(w), evaluation={"n_samples": 1200})
-    spec = dict(entry={"method": "neggrad", "lr": 3e-5}, c=1, extra={})
+    from vdu.evaluation import EvalConfig
+    spec = dict(entry={"method": "neggrad", "lr": 3e-5}, c=1, extra={}, evaluation=EvalConfig(1200))   # a dataclass
     assert cache.get(**spec) is None
     grid = torch.rand(36, 1, 28, 28)
-    cache.put({"pul": 97.5, "pul_ci": [95.0, 99.1], "stop": "stop_rule"}, grid, **spec)
+    cache.put({"pul": 97.5, "pul_ci": torch.tensor([95.0, 99.5]), "stop": "stop_rule"}, grid, **spec)  # a tensor
     row, g = RowCache(tmp_path / "cache", weights=file_digest(w), evaluation={"n_samples": 1200}).get(**spec)
-    assert row == {"pul": 97.5, "pul_ci": [95.0, 99.1], "stop": "stop_rule"} and torch.equal(g, grid)
+    assert row == {"pul": 97.5, "pul_ci": [95.0, 99.5], "stop": "stop_rule"} and torch.equal(g, grid)
     assert cache.get(**{**spec, "c": 8}) is None                                  # another class
+    assert cache.get(**{**spec, "evaluation": EvalConfig(500)}) is None            # another evaluation
     assert cache.get(**{**spec, "entry": {"method": "neggrad", "lr": 1e-5}}) is None   # another option
     assert RowCache(tmp_path / "cache", weights=file_digest(w), evaluation={"n_samples": 500}).get(**spec) is None
     w.write_bytes(b"weights v2")                                                   # a retrained model

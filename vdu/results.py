@@ -114,7 +114,7 @@ class RowCache:
 
     def key(self, **spec) -> str:
         import hashlib
-        text = json.dumps({"context": self.context, "spec": spec}, sort_keys=True, default=str)
+        text = json.dumps({"context": self.context, "spec": spec}, sort_keys=True, default=_jsonable)
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     def get(self, with_tensor: bool = False, **spec) -> tuple[dict, torch.Tensor | None] | None:
@@ -151,8 +151,22 @@ class RowCache:
             os.replace(tmp, self.folder / f"{k}.pt")
         tmp = self.folder / f".{k}.json.tmp"
         tmp.write_text(json.dumps({"spec": spec, "commit": _commit(), "machine": machine(),
-                                   "written": time.strftime("%Y-%m-%d %H:%M:%S"), "row": row}, indent=1, default=float))
+                                   "written": time.strftime("%Y-%m-%d %H:%M:%S"), "row": row}, indent=1,
+                                  default=_jsonable))
         os.replace(tmp, self.folder / f"{k}.json")
+
+
+def _jsonable(o):
+    """JSON for what rows and specs hold besides plain values: dataclasses (configs), tensors, numpy numbers."""
+    import dataclasses
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    try:
+        return float(o)
+    except (TypeError, ValueError):
+        return str(o)
 
 
 def _commit() -> str | None:
