@@ -21,9 +21,10 @@
 # **Read first:** `duality` (the three constrained problems, their closed-form optima and the
 # primal-dual algorithm, exact on Gaussian mixtures) and `benchmark` (ESD and the evaluation). **What this
 # shows:** the same algorithm on the MNIST diffusion models, where nothing is in closed form any more:
-# concept unlearning by the reverse-KL problem (RU) on the class-conditional DDPM against ESD's guidance
-# sweep, two concepts at once, an unreachable threshold reported as such, and VDU with its $\gamma$ set
-# by a likelihood constraint instead of by hand. **Cost:** smoke profile a few minutes (tests); the full
+# concept unlearning by the reverse-KL problem (RU) and the likelihood problem (LU) on the
+# class-conditional DDPM against ESD's guidance sweep, two concepts at once, an unreachable threshold
+# reported as such, and VDU with its $\gamma$ set by a likelihood constraint instead of by hand. Every
+# number carries its 95% bootstrap interval and sample count. **Cost:** smoke profile a few minutes (tests); the full
 # profile (`params/constrained_unlearning-full.yaml`, `make run-all`) about an hour and a half on one CPU
 # thread.
 #
@@ -104,6 +105,9 @@ concept_loop = dict(steps=2, batch_size=8, lr=1e-5, probe_every=0)
 esd_etas = [1.0]           # ESD's guidance sweep (full: [0.5, 1, 2, 4])
 ru_kl_min = [4.0]          # RU thresholds kappa = b / D0 (full: [2.25, 4, 9, 25]: alpha_0 = 0.5, 1, 2, 4)
 ru_options = dict(dual_lr=0.02, dual_every=1, sample_steps=4)
+lu_eps = [0.05]            # LU thresholds: E_p[q(1 | x)] <= eps (full: [0.2, 0.05, 0.01])
+lu_classifier = "checkpoints/mnist/evaluator-lenet"   # w_c of LU: the second evaluator, not the one that measures
+lu_options = dict(dual_lr=4.0, dual_every=1, sample_steps=4, dual_samples=4)
 esd_options = dict(sample_steps=4)
 infeasible = dict(kl_min=1e4, alpha_max=1.0, dual_lr=1.0, dual_every=1, patience=3)
 # dual-tuned VDU on the unconditional model, against the hand-tuned table of vdu_unlearning
@@ -116,9 +120,12 @@ vdu_loop = dict(steps=2, batch_size=16, lr=3e-5, probe_every=1)
 vdu_dual = dict(stability="function", gamma=0.8, forget_ratio=1.3, dual_lr=1.0, dual_every=1, replay_samples=8,
                 replay_ddim_steps=2)
 hand_tuned = "results/mnist/vdu_unlearning.json"   # its "classes" table (vdu-function rows), if present
+fid_bootstrap = 20         # resamples of every FID interval (full: 100)
+cache_dir = None           # rows computed earlier are read from here, so an interrupted run resumes (full: runs/...)
 threads = 1
 
 # %% tags=[]
+import dataclasses
 import json
 import time
 import warnings
@@ -133,7 +140,7 @@ from vdu.evaluator import load_evaluator
 from vdu.experiments import unlearn_and_measure
 from vdu.models import load_model, null_class
 from vdu.notebook import check_params
-from vdu.results import REPO, machine, save_figure, write_results
+from vdu.results import REPO, RowCache, folder_digest, machine, save_figure, source_digest, write_results
 from vdu.unlearning import unlearn
 
 check_params(dict(concept=(concept, int, 0), n_forget=(n_forget, int, 1), n_per_prompt=(n_per_prompt, int, 2),
@@ -144,9 +151,21 @@ t_start = time.time()
 evaluator = load_evaluator(REPO / (evaluator_dir or f"checkpoints/{dataset}/evaluator"))
 train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
 unet_c, sched_c = load_model(REPO / cond_model)
-prompts_cfg = EvalConfig(n_per_prompt, "ddim", sample_steps, seed, 0, bootstrap=1000)
+prompts_cfg = EvalConfig(n_per_prompt, "ddim", sample_steps, seed, 0, bootstrap=1000, fid_bootstrap=fid_bootstrap)
+vdu_eval = EvalConfig(vdu_samples, "ddim", vdu_sample_steps, seed, 0, bootstrap=1000, fid_bootstrap=fid_bootstrap)
 kl_images = test.take(n_kl_images * 12, seed=seed)
 concept_data = UnlearnData(train.images[train.labels == concept][:n_forget], forget_class=concept)
+
+
+# every row depends on these and on its own spec: a row on disk with the same key is reused
+cache = RowCache(None)
+if cache_dir:
+    cache = RowCache(REPO / cache_dir, code=source_digest(),
+                     models={m: folder_digest(REPO / m) for m in (cond_model, uncond_model, lu_classifier)},
+                     evaluator=folder_digest(REPO / (evaluator_dir or f"checkpoints/{dataset}/evaluator")),
+                     evaluation=[dataclasses.asdict(prompts_cfg), dataclasses.asdict(vdu_eval)],
+                     data=dict(dataset=dataset, n_forget=n_forget, n_kl_images=n_kl_images, vdu_n_forget=vdu_n_forget,
+                               vdu_n_reference=vdu_n_reference, seed=seed))
 
 
 def prompts(model, erased):
@@ -154,7 +173,7 @@ def prompts(model, erased):
                             kl_images=kl_images)
 
 
-before = prompts(unet_c, [concept])
+before = cache.row(lambda: prompts(unet_c, [concept]), part="before", erased=[concept])
 print(f"pretrained: prompt {concept} yields a {concept} in {before['summary'][f'forget_rate_{concept}']:.0%} of "
       f"{n_per_prompt} samples; retained prompts: label accuracy {before['summary']['label_accuracy']:.3f}, "
       f"domain FID {before['summary']['fid']:.2f} (mean over prompts)")
@@ -201,10 +220,18 @@ with torch.no_grad():
 
 # %% tags=[]
 def concept_run(method, erased, **options):
+    """Unlearn the prompts ``erased`` with ``method`` and measure every prompt (or read the row from disk)."""
+    return cache.row(lambda: _concept_run(method, erased, **options), part="concept", method=method, erased=erased,
+                     loop=concept_loop, options=options)
+
+
+def _concept_run(method, erased, **options):
     t0 = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)     # guard and infeasibility events stay in the log
-        m = unlearn(unet_c, concept_data, method, sched_c, progress=False, seed=seed, **{**concept_loop, **options})
+        paths = {"classifier": str(REPO / options["classifier"])} if "classifier" in options else {}
+        m = unlearn(unet_c, concept_data, method, sched_c, progress=False, seed=seed,
+                    **{**concept_loop, **options, **paths})
     secs = time.time() - t0
     ev = prompts(m, erased)
     log = m.unlearn_log
@@ -214,7 +241,8 @@ def concept_run(method, erased, **options):
     s, s0 = ev["summary"], before["summary"]
     row.update(forget_rate=[s[f"forget_rate_{k}"] for k in erased], retained_accuracy=s["label_accuracy"],
                accuracy_drop=s0["label_accuracy"] - s["label_accuracy"], fid_ratio=s["fid"] / s0["fid"],
-               deviation=s["kl"])
+               deviation=s["kl"], retained_accuracy_ci=s.get("label_accuracy_ci"),
+               fid_ratio_ci=[v / s0["fid"] for v in s["fid_ci"]] if s.get("fid_ci") else None)
     return row
 
 
@@ -222,8 +250,13 @@ def show(r, label):
     ci = [p["label_accuracy_ci"] for p in r["eval"]["prompts"] if p["erased"]]
     fr = ", ".join(f"{f:.2f} [{a:.2f}, {b:.2f}]" for f, (a, b) in zip(r["forget_rate"], ci))
     print(f"{label:<22} forget rate {fr}   retained acc {r['retained_accuracy']:.3f} (drop {r['accuracy_drop']:+.3f})"
-          f"   FID x{r['fid_ratio']:.2f}   deviation {r['deviation']:.2e}   {r['steps']} steps, {r['stop']}, "
+          f"   FID x{r['fid_ratio']:.2f} {_ratio_ci(r)}   deviation {r['deviation']:.2e}   {r['steps']} steps, {r['stop']}, "
           f"{r['unlearn_s']:.0f} s")
+
+
+def _ratio_ci(r):
+    ci = r.get("fid_ratio_ci")
+    return "" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 esd_rows = [concept_run("esd", [concept], eta=eta, **esd_options) for eta in esd_etas]
@@ -235,12 +268,55 @@ for r in ru_rows:
     show(r, f"RU kappa={r['kl_min']:g} (alpha {a:.2f})")
 
 # %% [markdown] tags=[]
-# The multiplier along each RU run: the guidance $\alpha=\lambda/(1-\lambda)$ the dual settles on, and the
-# measured $K/D_0$ against its threshold $\kappa$ (dashed). Then the trade-off: forget rate against the
-# retained prompts' deviation, one point per run; at a matched forget rate the lower point deviates less.
+# ## 2 · LU: guidance only where the concept is
+#
+# LU bounds how likely the concept stays under the prompt instead of how far the prompt moves. With
+# $w_c(x)=q(c\mid x)\in[0,1]$, the concept's likelihood relative to the pretrained model
+# ($q_u/q=q(c\mid x)/q(c)$; ours, §2.7 of `docs/mathematics.md`),
+#
+# $$\min_p\ \mathrm{KL}(p\Vert q)\quad\text{s.t.}\quad\mathbb E_{x\sim p}[w_c(x)]\le\varepsilon,
+# \qquad p^*\propto q\,e^{-\lambda w_c(x)},$$
+#
+# so $\varepsilon$ is a forget rate: at most that share of what the prompt yields may still be the concept.
+# The score of $p^*$ is $s_q-\lambda\nabla_xw_c=s_q-\lambda\,w_c\,\nabla_x\log q(c\mid x)$, and
+# $\nabla_x\log q(c\mid x)=s_q(x\mid c)-s_q(x)$ is the pretrained model's own class direction; in noise form
+#
+# $$\epsilon^*(x_t)=\epsilon_q(x_t,\varnothing)+\lambda\,w_c(x_t)\,\big(\epsilon_q(x_t,\varnothing)-\epsilon_q(x_t,c)\big):$$
+#
+# RU's target with a guidance $\lambda w_c(x_t)$ that is large where the sample still looks like the concept
+# and vanishes elsewhere. $w_c$ is a classifier's probability of $c$ on the Tweedie estimate
+# $\hat x_0=(x_t-\sqrt{1-\bar\alpha_t}\,\epsilon_q(x_t,\varnothing))/\sqrt{\bar\alpha_t}$; we use the second
+# evaluator (LeNet, another architecture and seed), so the method is not tuned on the classifier that
+# measures it. The dual step measures the constraint where it is defined, on full samples of the prompt:
+# $\lambda\leftarrow\max(0,\lambda+\eta_\lambda(\overline{w_c}-\varepsilon))$.
+#
+# The weight on the batch of the cell above, by hand:
 
 # %% tags=[]
-fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
+classifier = load_evaluator(REPO / lu_classifier)
+with torch.no_grad():
+    abar = sched_c.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    x0_hat = ((x - (1 - abar).sqrt() * e_u) / abar.sqrt()).clamp(-1, 1)    # Tweedie from the null branch
+    w = classifier(x0_hat).softmax(1)[:, concept]                             # w_c(x_t)
+    lam = 1.0
+    target_lu = e_u + lam * w.view(-1, 1, 1, 1) * (e_u - e_c)                 # LU's target
+print(f"w_{concept} on the batch: {[round(float(v), 2) for v in w]}; LU's guidance lambda w ranges "
+      f"{float(lam * w.min()):.2f}-{float(lam * w.max()):.2f} where RU's alpha is one number")
+
+# %% tags=[]
+lu_rows = [concept_run("lu", [concept], eps=e, classifier=lu_classifier, **lu_options) for e in lu_eps]
+for r in lu_rows:
+    lam_end = r["duals"][-1]["lam"][0] if r["duals"] else float("nan")
+    show(r, f"LU eps={r['eps']:g} (lambda {lam_end:.2f})")
+
+# %% [markdown] tags=[]
+# The multipliers along each run: RU's guidance $\alpha=\lambda/(1-\lambda)$ and its measured $K/D_0$ against
+# the threshold $\kappa$ (dashed); LU's $\lambda$ and the concept rate $\overline{w_c}$ of the prompt's samples
+# against $\varepsilon$. Then the trade-off: forget rate against the retained prompts' deviation, one point
+# per run; at a matched forget rate the lower point deviates less.
+
+# %% tags=[]
+fig, ax = plt.subplots(1, 4, figsize=(18, 3.6))
 for r in ru_rows:
     d = r["duals"]
     if d:
@@ -248,10 +324,19 @@ for r in ru_rows:
         line, = ax[1].plot([x["step"] for x in d], [x["kl"][0] for x in d], label=f"kappa={r['kl_min']:g}")
         ax[1].axhline(r["kl_min"], ls="--", color=line.get_color(), lw=0.8)
 ax[0].set(xlabel="step", ylabel="alpha = lambda / (1 - lambda)", title="RU: the guidance the dual sets")
-ax[1].set(xlabel="step", ylabel="K / D0 (window estimate)", title="constraint vs threshold", yscale="log")
-for rows, name, mk in ((esd_rows, "ESD (eta sweep)", "o-"), (ru_rows, "RU (kappa sweep)", "s-")):
-    ax[2].plot([r["forget_rate"][0] for r in rows], [r["deviation"] for r in rows], mk, label=name)
-ax[2].set(xlabel=f"forget rate of prompt {concept}", ylabel="deviation on retained prompts",
+ax[1].set(xlabel="step", ylabel="K / D0 (window estimate)", title="RU: constraint vs threshold", yscale="log")
+for r in lu_rows:
+    d = r["duals"]
+    if d:
+        line, = ax[2].plot([x["step"] for x in d], [x["lam"][0] for x in d], label=f"lambda, eps={r['eps']:g}")
+        ax[2].plot([x["step"] for x in d], [x["rate"][0] for x in d], ":", color=line.get_color(),
+                   label=f"concept rate, eps={r['eps']:g}")
+        ax[2].axhline(r["eps"], ls="--", color=line.get_color(), lw=0.8)
+ax[2].set(xlabel="step", ylabel="lambda / E_p[w_c]", title="LU: multiplier and concept rate", yscale="symlog")
+for rows, name, mk in ((esd_rows, "ESD (eta sweep)", "o-"), (ru_rows, "RU (kappa sweep)", "s-"),
+                       (lu_rows, "LU (eps sweep)", "^-")):
+    ax[3].plot([r["forget_rate"][0] for r in rows], [r["deviation"] for r in rows], mk, label=name)
+ax[3].set(xlabel=f"forget rate of prompt {concept}", ylabel="deviation on retained prompts",
           title="trade-off (lower left is better)")
 for a in ax:
     if a.get_legend_handles_labels()[0]:
@@ -261,7 +346,7 @@ save_figure(fig, dataset, "constrained-concept", profile)
 plt.show()
 
 # %% [markdown] tags=[]
-# ## 2 · Two concepts at once, and a threshold no guidance reaches
+# ## 3 · Two concepts at once, and a threshold no guidance reaches
 #
 # With several prompts each is its own problem with its own multiplier; the loss sums their terms, so
 # they compete for the same weights. Then a threshold far beyond what the capped guidance can reach: the
@@ -272,18 +357,25 @@ multi = concept_run("ru", concepts_multi, concepts=tuple(concepts_multi), kl_min
 show(multi, f"RU prompts {concepts_multi}")
 if multi["duals"]:
     print("  final alpha per prompt:", [round(a, 3) for a in multi["duals"][-1]["alpha"]])
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", RuntimeWarning)
-    m_inf = unlearn(unet_c, concept_data, "ru", sched_c, progress=False, seed=seed,
-                    **{**concept_loop, "steps": max(concept_loop["steps"], 50)},
-                    **{**ru_options, **infeasible})
-inf_log = m_inf.unlearn_log
+
+
+def infeasible_run():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        log = unlearn(unet_c, concept_data, "ru", sched_c, progress=False, seed=seed,
+                      **{**concept_loop, "steps": max(concept_loop["steps"], 50)},
+                      **{**ru_options, **infeasible}).unlearn_log
+    return {"options": infeasible, "stop_reason": log.stop_reason, "steps": log.steps_done, "events": log.events,
+            "duals": log.duals}
+
+
+inf = cache.row(infeasible_run, part="infeasible", loop=concept_loop, options={**ru_options, **infeasible})
 print(f"kappa = {infeasible['kl_min']:g} with alpha <= {infeasible['alpha_max']:g}: stop reason "
-      f"{inf_log.stop_reason!r} after {inf_log.steps_done} steps")
-print(" ", inf_log.events[-1] if inf_log.events else "(no event)")
+      f"{inf['stop_reason']!r} after {inf['steps']} steps")
+print(" ", inf["events"][-1] if inf["events"] else "(no event)")
 
 # %% [markdown] tags=[]
-# ## 3 · VDU with $\gamma$ from a likelihood constraint
+# ## 4 · VDU with $\gamma$ from a likelihood constraint
 #
 # The function-space VDU of `vdu_unlearning`, on the unconditional model, with one setting for every
 # class: the forget loss must reach $\rho=1.3$ times its pretrained value (the hand-tuned stop ratio of
@@ -293,10 +385,13 @@ print(" ", inf_log.events[-1] if inf_log.events else "(no event)")
 
 # %% tags=[]
 unet_u, sched_u = load_model(REPO / uncond_model)
-vdu_eval = EvalConfig(vdu_samples, "ddim", vdu_sample_steps, seed, 0, bootstrap=1000, fid_bootstrap=0)
-xs_u = vdu_eval.sample(unet_u, sched_u)          # the pretrained samples: one draw serves every class
-vdu_rows = []
-for c in vdu_classes:
+xs_u = None                                      # the pretrained samples: one draw serves every class
+
+
+def vdu_row(c):
+    global xs_u
+    if xs_u is None:
+        xs_u = vdu_eval.sample(unet_u, sched_u)
     split = class_split(train, test, c, vdu_n_forget, n_reference=vdu_n_reference, nll_images=0, seed=seed)
     b, _ = evaluate(unet_u, sched_u, evaluator, vdu_eval, split, nll=False, samples=xs_u)
     row, m = unlearn_and_measure(unet_u, sched_u, evaluator, split, b, {**vdu_loop, **vdu_dual, "seed": seed},
@@ -304,8 +399,15 @@ for c in vdu_classes:
     d = m.unlearn_log.duals
     row["gamma_end"] = d[-1]["gamma"] if d else None
     row["gamma_path"] = [(x["step"], round(x["gamma"], 4)) for x in d]
+    return row
+
+
+vdu_rows = []
+for c in vdu_classes:
+    row = cache.row(lambda: vdu_row(c), part="vdu-dual", forget_class=c, loop=vdu_loop, options=vdu_dual)
     vdu_rows.append(row)
-    print(f"class {c}: PUL {row['pul']:.1f}% {row['pul_ci']}, u-FID x{row['u_fid_ratio']:.2f}, gamma at the end "
+    print(f"class {c}: PUL {row['pul']:.1f}% {row['pul_ci']}, u-FID x{row['u_fid_ratio']:.2f} "
+          f"(u-FID {row.get('u_fid_after_ci')}), gamma at the end "
           f"{row['gamma_end']:.3f}, {row['steps']} steps ({row['stop']})")
 
 hand = None
@@ -358,6 +460,10 @@ plt.show()
 # m.unlearn_log.duals                                     # alpha and K / D0 per dual step
 # ```
 #
+# LU asks instead for a forget rate, judged by a classifier of your concept (any evaluator folder written by
+# `python -m vdu evaluator`, on your images): `unlearn(unet, data, "lu", sched, eps=0.05,
+# classifier="path/to/classifier", steps=100, lr=2e-5)`; its log holds $\lambda$ and the measured rate.
+#
 # For VDU with its $\gamma$ from the constraint: `unlearn(unet, images, "vdu", sched, stability="function",
 # forget_ratio=1.3, steps=80, lr=3e-5)`.
 
@@ -365,7 +471,7 @@ plt.show()
 # ## Targets and results file
 #
 # The concept targets (forget rate $\le5\%$, every retained prompt's label accuracy within 2 points and its
-# domain FID within 1.2x) are checked on the RU run with the lowest deviation among those that meet the
+# domain FID within 1.2x) are checked on the RU or LU run with the lowest deviation among those that meet the
 # forget rate; the dual-tuned VDU target is the hand-tuned table's mean PUL at no worse u-FID.
 
 # %% tags=[]
@@ -377,14 +483,15 @@ def per_prompt_ok(r):
     return all(ok)
 
 
-meet = [r for r in ru_rows if r["forget_rate"][0] <= 0.05]
+meet = [r for r in ru_rows + lu_rows if r["forget_rate"][0] <= 0.05]
 best = min(meet, key=lambda r: r["deviation"]) if meet else None
 targets = {"concept_forget_rate_met": bool(meet),
            "concept_retention_met": bool(best is not None and per_prompt_ok(best)),
-           "best_ru": None if best is None else {"kl_min": best["kl_min"], "forget_rate": best["forget_rate"][0],
-                                                 "accuracy_drop": best["accuracy_drop"], "fid_ratio": best["fid_ratio"],
-                                                 "deviation": best["deviation"]},
-           "infeasible_detected": inf_log.stop_reason == "infeasible"}
+           "best": None if best is None else {"method": best["method"], "kl_min": best.get("kl_min"),
+                                              "eps": best.get("eps"), "forget_rate": best["forget_rate"][0],
+                                              "accuracy_drop": best["accuracy_drop"], "fid_ratio": best["fid_ratio"],
+                                              "deviation": best["deviation"]},
+           "infeasible_detected": inf["stop_reason"] == "infeasible"}
 if hand and hand.get("mean_over_classes"):
     mo = hand["mean_over_classes"]
     targets["vdu_dual_met"] = bool(mo["pul_dual"] >= mo["pul_hand"] and mo["u_fid_ratio_dual"] <= mo["u_fid_ratio_hand"])
@@ -393,9 +500,8 @@ numbers = {"cond_model": cond_model, "uncond_model": uncond_model, "concept": co
            "evaluation": {"n_per_prompt": n_per_prompt, "sampler": f"DDIM {sample_steps}", "seed_bank": seed,
                           "fid": "domain FID (evaluator features) of each prompt's samples vs the real test images of its class",
                           "deviation": f"E_t ||eps_theta(x_t,k) - eps_q(x_t,k)||^2 on noised real test images ({n_kl_images} per class)"},
-           "concept_loop": concept_loop, "before": before, "esd": esd_rows, "ru": ru_rows, "multi": multi,
-           "infeasible": {"options": infeasible, "stop_reason": inf_log.stop_reason, "steps": inf_log.steps_done,
-                          "events": inf_log.events, "duals": inf_log.duals},
+           "concept_loop": concept_loop, "before": before, "esd": esd_rows, "ru": ru_rows, "lu": lu_rows,
+           "lu_classifier": lu_classifier, "multi": multi, "infeasible": inf, "rows_from_cache": cache.hits,
            "vdu_dual": {"options": {**vdu_loop, **vdu_dual}, "evaluation": {"samples": vdu_samples,
                                                                            "ddim_steps": vdu_sample_steps},
                         "rows": vdu_rows, "hand_tuned": hand},

@@ -78,6 +78,7 @@ n_reference = 500          # unmarked test digits for the domain FID (full: 2000
 n_samples = 32             # seed-bank samples per model (full: 500)
 sample_steps = 5           # DDIM steps (full: 20)
 nll_timesteps = 4          # stratified t-terms of the NLL bound (full: 20)
+fid_bootstrap = 20         # resamples of the FID interval (full: 100)
 seed = 0
 loop = dict(steps=2, batch_size=16, probe_every=0)
 entries = {                # name -> method, options, and the option swept for the Pareto curve
@@ -128,7 +129,8 @@ g = torch.Generator().manual_seed(seed)
 retain = train.images[torch.randperm(len(train), generator=g)[:n_retain]]     # unmarked digits
 reference = test.images[torch.randperm(len(test), generator=g)[:n_reference]]
 data = UnlearnData(trained.images, retain=retain)
-evaluation = EvalConfig(n_samples, "ddim", sample_steps, seed, nll_timesteps, bootstrap=1000, fid_bootstrap=0)
+evaluation = EvalConfig(n_samples, "ddim", sample_steps, seed, nll_timesteps, bootstrap=1000,
+                        fid_bootstrap=fid_bootstrap)
 unet, sched = load_model(REPO / canary_model)
 clean, _ = load_model(REPO / clean_model)
 

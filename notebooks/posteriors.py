@@ -82,6 +82,7 @@ n_samples = 32             # seed-bank samples per model (full: 500)
 ddim_steps = 5             # (full: 20)
 n_reference = 200          # retained-class test images for u-FID (full: 2000)
 bootstrap = 200            # resamples of the PUL interval (full: 1000)
+fid_bootstrap = 20         # resamples of the u-FID interval (full: 100)
 seed = 0
 threads = 1
 
@@ -119,7 +120,8 @@ unet, sched = load_model(model_path)
 evaluator = load_evaluator(REPO / (evaluator_dir or f"checkpoints/{dataset}/evaluator"))
 train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
 split = class_split(train, test, forget_class, n_forget, n_reference=n_reference, nll_images=0, seed=seed)
-evaluation = EvalConfig(n_samples, "ddim", ddim_steps, seed, nll_timesteps=0, bootstrap=bootstrap, fid_bootstrap=0)
+evaluation = EvalConfig(n_samples, "ddim", ddim_steps, seed, nll_timesteps=0, bootstrap=bootstrap,
+                        fid_bootstrap=fid_bootstrap)
 before, _ = evaluate(unet, sched, evaluator, evaluation, split, nll=False)
 print(f"class {forget_class}: forget share before {before['forget_share']:.3f} on {n_samples} samples "
       f"(DDIM {ddim_steps}, seed bank {seed}); {len(split.forget)} forget images")

@@ -210,3 +210,110 @@ def test_fu_without_lam0_starts_at_zero_or_at_the_fixed_weight():
     assert np.allclose(fixed, 3.0)                       # dual lr 0: a fixed weight, at lam_max
     ascent = unlearn(unet, _data(), "fu", sched, **kw, dual_lr=1e-9).unlearn_log.duals[0]["lam_over_w"]
     assert np.allclose(ascent, 0.0, atol=1e-6)            # dual ascent starts at lambda 0 (no push yet)
+
+
+def _sure_classifier(tmp_path, k, sure=True):
+    """A classifier that gives class k probability ~1 (sure) or ~0 (not sure) on every image."""
+    from vdu.evaluator import Evaluator, save_evaluator
+    clf = Evaluator(width=4, arch="lenet")
+    lin = clf.head[1]
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.fill_(0.0)
+        lin.bias[k] = 30.0 if sure else -30.0
+    return str(save_evaluator(clf, tmp_path / f"clf-{k}-{sure}"))
+
+
+@pytest.mark.parametrize("sure", [True, False])
+def test_lu_is_negative_guidance_scaled_by_the_concept_weight(tmp_path, sure):
+    """LU's target is eps_null + lambda w (eps_null - eps_c): where the classifier is sure of the concept
+    (w = 1) its step is ESD's with eta = lambda; where it is sure the sample is not the concept (w = 0) the
+    step is ESD's with eta = 0, whatever lambda is."""
+    sched = build_scheduler()
+    kw = {**LOOP, "steps": 2, "probe_every": 0}
+    a = unlearn(tiny_unet(conditional=True), _data(), "esd", sched, **kw, eta=2.5 if sure else 0.0, sample_steps=2)
+    b = unlearn(tiny_unet(conditional=True), _data(), "lu", sched, **kw, lam0=2.5, dual_lr=0.0, sample_steps=2,
+                dual_samples=2, classifier=_sure_classifier(tmp_path, 1, sure))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+    w = [s["w_1"] for s in b.unlearn_log.steps]
+    assert all(v == pytest.approx(1.0 if sure else 0.0, abs=1e-6) for v in w)
+
+
+def test_lu_multiplier_follows_the_measured_concept_rate(tmp_path):
+    """The dual step measures E_p[w_c] on full samples: a rate above eps raises lambda by dual_lr x violation;
+    a rate of 0 lowers it to the boundary lambda = 0."""
+    sched = build_scheduler()
+    kw = {**LOOP, "steps": 4, "probe_every": 0}
+    up = unlearn(tiny_unet(conditional=True), _data(), "lu", sched, **kw, eps=0.1, lam0=1.0, dual_lr=0.5,
+                 dual_every=2, sample_steps=2, dual_samples=3, classifier=_sure_classifier(tmp_path, 1, True))
+    d = up.unlearn_log.duals
+    assert [r["step"] for r in d] == [2, 4]
+    assert d[0]["rate"][0] == pytest.approx(1.0, abs=1e-6) and d[0]["violations"][0] == pytest.approx(0.9, abs=1e-6)
+    assert [r["lam"][0] for r in d] == pytest.approx([1.45, 1.9], abs=1e-5)
+    down = unlearn(tiny_unet(conditional=True), _data(), "lu", sched, **kw, eps=0.1, lam0=0.02, dual_lr=0.5,
+                   dual_every=2, sample_steps=2, dual_samples=3, classifier=_sure_classifier(tmp_path, 1, False))
+    assert [r["lam"][0] for r in down.unlearn_log.duals] == [0.0, 0.0]
+
+
+def test_lu_unreachable_threshold_stops_as_infeasible(tmp_path):
+    """A prompt the classifier always calls the concept can never meet eps: lambda climbs to lam_max, sits
+    there with the constraint violated, and the run stops as infeasible."""
+    unet, sched = tiny_unet(conditional=True), build_scheduler()
+    with pytest.warns(RuntimeWarning, match="infeasible"):
+        out = unlearn(unet, _data(), "lu", sched, **{**LOOP, "steps": 200, "lr": 1e-4, "probe_every": 0},
+                      eps=0.0, lam_max=2.0, dual_lr=10.0, dual_every=1, patience=3, sample_steps=2, dual_samples=2,
+                      classifier=_sure_classifier(tmp_path, 1, True))
+    log = out.unlearn_log
+    assert log.stop_reason == "infeasible" and log.steps_done < 10
+    assert log.duals[-1]["lam"][0] == pytest.approx(2.0)
+    assert "concept 1" in log.events[-1]
+
+
+@pytest.mark.parametrize("bad", [dict(classifier=None), dict(eps=1.5), dict(lam0=-1.0), dict(lam_max=0.0),
+                                 dict(dual_samples=0), dict(concepts=(1, 1))])
+def test_lu_refuses_bad_settings(tmp_path, bad):
+    unet, sched = tiny_unet(conditional=True), build_scheduler()
+    opts = {"classifier": _sure_classifier(tmp_path, 1), "sample_steps": 2, **bad}
+    with pytest.raises(ValueError):
+        unlearn(unet, _data(), "lu", sched, **{**LOOP, "steps": 1}, **opts)
+
+
+def test_lu_refuses_a_classifier_of_other_images(tmp_path):
+    from vdu.evaluator import Evaluator, save_evaluator
+    rgb = str(save_evaluator(Evaluator(in_channels=3, image_size=32, width=4, arch="lenet"), tmp_path / "rgb"))
+    with pytest.raises(ValueError, match="classifier takes 3 x 32 px"):
+        unlearn(tiny_unet(conditional=True), _data(), "lu", build_scheduler(), **{**LOOP, "steps": 1},
+                classifier=rgb, sample_steps=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,options", [
+    ("ru", dict(kl_min=2.25, dual_lr=0.01, dual_every=10, sample_steps=10)),
+    ("lu", dict(eps=0.05, dual_lr=4.0, dual_every=10, sample_steps=10, dual_samples=16)),
+], ids=["ru", "lu"])
+def test_smoke_constrained_concept_unlearning_erases_the_prompt(evaluator, mnist_test, method, options):
+    """On the committed class-conditional DDPM, 30 steps of RU or LU on prompt 1 lower the share of 1s among its
+    samples (judged by the evaluator; LU is weighted by the independent second evaluator) while another prompt
+    still yields its digit in most of its samples."""
+    from conftest import CKPT
+    from vdu.data import UnlearnData
+    from vdu.models import load_model
+    from vdu.diffusion import sample
+    unet, sched = load_model(CKPT / "ddpm-cond")
+    if method == "lu":
+        options = {**options, "classifier": str(CKPT / "evaluator-lenet")}
+    ones = UnlearnData(mnist_test.images[mnist_test.labels == 1][:32], forget_class=1)
+
+    def share(model, k):
+        x = sample(model, sched, 48, seed=3, steps=10, class_labels=torch.full((48,), k), progress=False)
+        return float((evaluator.predict(x)[0] == k).float().mean())
+
+    out = unlearn(unet, ones, method, sched, steps=30, batch_size=16, lr=2e-5, probe_every=0, progress=False,
+                  **options)
+    before, after = share(unet, 1), share(out, 1)
+    assert before > 0.7 and after < before - 0.3, (before, after)
+    # not a collapse: another prompt still yields its digit (retention at this budget is measured, not met:
+    # the constrained_unlearning notebook reports the drop)
+    assert share(out, 7) >= 0.5, share(out, 7)
+    assert out.unlearn_log.duals, "the multiplier was never updated"

@@ -126,7 +126,8 @@ def test_evaluate_prompts_scores_every_prompt_and_zero_deviation_from_itself(sma
     from vdu.evaluation import EvalConfig, evaluate_prompts
     from vdu.models import build_scheduler
     unet = tiny_unet(conditional=True)
-    r = evaluate_prompts(unet, build_scheduler(), evaluator, EvalConfig(n_samples=4, steps=1, bootstrap=20),
+    r = evaluate_prompts(unet, build_scheduler(), evaluator,
+                         EvalConfig(n_samples=4, steps=1, bootstrap=200, fid_bootstrap=20),
                          reference=small_data, erased=[3], teacher=unet, kl_images=small_data)
     assert [p["prompt"] for p in r["prompts"]] == list(range(10))
     assert [p["erased"] for p in r["prompts"]].count(True) == 1 and r["prompts"][3]["erased"]
@@ -134,6 +135,10 @@ def test_evaluate_prompts_scores_every_prompt_and_zero_deviation_from_itself(sma
     assert r["summary"]["forget_rate_3"] == r["prompts"][3]["label_accuracy"]
     lo, hi = r["prompts"][0]["label_accuracy_ci"]
     assert lo <= r["prompts"][0]["label_accuracy"] <= hi
+    assert all(p["fid_ci"][0] <= p["fid_ci"][1] for p in r["prompts"])
+    for k in ("label_accuracy", "fid"):      # the retained prompts' mean, with the interval of the mean
+        lo, hi = r["summary"][f"{k}_ci"]
+        assert lo <= hi and lo <= r["summary"][k] * 1.3 and hi >= r["summary"][k] * 0.7, (k, r["summary"])
     with pytest.raises(ValueError, match="class-conditional"):
         evaluate_prompts(tiny_unet(), build_scheduler(), evaluator)
 

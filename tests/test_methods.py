@@ -3,20 +3,25 @@ on tiny UNets, unconditional and class-conditional, two steps give a finite loss
 the method's zero strength leaves them in place; the result saves and reloads; missing data is refused
 with a message that says what is missing."""
 import dataclasses
+import tempfile
 
 import pytest
 import torch
 
 from conftest import tiny_unet
 from vdu.data import UnlearnData
+from vdu.evaluator import Evaluator, save_evaluator
 from vdu.methods import REGISTRY, get_method
 from vdu.models import build_scheduler, load_model
 from vdu.unlearning import unlearn
 
+# a tiny untrained classifier for LU's concept weight (LU needs one; the contract checks the mechanics)
+TINY_CLASSIFIER = str(save_evaluator(Evaluator(width=4, arch="lenet"), tempfile.mkdtemp(prefix="vdu-clf-")))
 # keeps the tiny runs tiny (replay samples, Fisher and mask batches); a new method needs no entry here
 SMALL = {"vdu": dict(stability="function", replay_samples=4, replay_ddim_steps=2),
          "amnesia": dict(replay_samples=4, replay_ddim_steps=2, fisher_samples=2),
-         "salun": dict(mask_batches=1, mask_batch_size=4)}
+         "salun": dict(mask_batches=1, mask_batch_size=4),
+         "lu": dict(classifier=TINY_CLASSIFIER, dual_samples=2, sample_steps=2, dual_every=1)}
 LOOP = dict(steps=2, batch_size=4, lr=1e-3, probe_every=1, probe_size=4, progress=False)
 
 

@@ -135,3 +135,20 @@ def test_what_a_cached_row_is_keyed_by(tmp_path):
     assert source_digest(["vdu/methods", "vdu/loop.py"], root=tmp_path) == code
     (tmp_path / "vdu" / "methods" / "a.py").write_text("x = 2\n")
     assert source_digest(["vdu/methods", "vdu/loop.py"], root=tmp_path) != code
+
+
+def test_row_cache_computes_a_row_once(tmp_path):
+    """``RowCache.row``: the first call computes and stores the row, a later run with the same spec reads it."""
+    from vdu.results import RowCache
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"forget_rate": [0.02], "stop": "max_steps"}
+
+    first = RowCache(tmp_path / "c", code="v1").row(compute, method="lu", eps=0.05)
+    again = RowCache(tmp_path / "c", code="v1")
+    assert again.row(compute, method="lu", eps=0.05) == first and len(calls) == 1 and again.hits == 1
+    RowCache(tmp_path / "c", code="v2").row(compute, method="lu", eps=0.05)          # changed code: recomputed
+    RowCache(None).row(compute, method="lu", eps=0.05)                               # cache off: always computed
+    assert len(calls) == 3

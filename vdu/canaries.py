@@ -83,12 +83,13 @@ def evaluate_canaries(model, scheduler, evaluator, config, trained: torch.Tensor
                       reference: torch.Tensor, samples: torch.Tensor | None = None, bootstrap: int = 1000) -> dict:
     """The data-unlearning numbers of a canary model (one seed bank, ``config``: a
     :class:`vdu.evaluation.EvalConfig`): the mark rate of its samples (with a 95% bootstrap interval),
-    the confident share and domain FID of the samples against ``reference`` (real unmarked digits), and
+    the confident share and domain FID of the samples against ``reference`` (real unmarked digits; with
+    ``config.fid_bootstrap``, its interval over resamples of the samples), and
     the membership gap: mean NLL bound (bits/dim, ``config.nll_timesteps`` stratified terms) of the
     ``trained`` canaries minus that of the ``held_out`` ones, with a 95% bootstrap interval over images.
     A model that never saw the canaries has a gap near 0; one that memorised them, a negative gap."""
     from .diffusion import nll_bits_per_dim
-    from .evaluation import _percentiles, measure
+    from .evaluation import _percentiles, fid_interval, measure
     from .metrics import domain_fid
     x = samples if samples is not None else config.sample(model, scheduler)
     m = measure(evaluator, x, None, None, 0, 0, config.seed)           # raises on non-finite samples
@@ -98,6 +99,8 @@ def evaluate_canaries(model, scheduler, evaluator, config, trained: torch.Tensor
            "fid": domain_fid(evaluator, x, reference), "fid_reference": len(reference)}
     if bootstrap:
         out["mark_rate_ci"] = _percentiles(hits[torch.randint(0, len(x), (bootstrap, len(x)), generator=g)].mean(1))
+    if config.fid_bootstrap:
+        out["fid_ci"] = fid_interval(evaluator, x, reference, config.fid_bootstrap, config.seed)
     if config.nll_timesteps:
         kw = dict(timesteps=config.nll_timesteps, seed=config.seed, progress=False)
         a = nll_bits_per_dim(model, scheduler, trained, **kw).double()

@@ -158,14 +158,18 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor, sqrt2: torch.Tensor | N
 def fid_interval(evaluator, fake: torch.Tensor, real: torch.Tensor, n_boot: int = 100, seed: int = 0,
                  level: float = 0.95) -> list[float]:
     """Percentile interval of the domain FID over bootstrap resamples of ``fake`` (``real`` fixed)."""
+    return _percentiles(fid_draws(evaluator, fake, real, n_boot, seed), level)
+
+
+def fid_draws(evaluator, fake: torch.Tensor, real: torch.Tensor, n_boot: int = 100, seed: int = 0) -> torch.Tensor:
+    """The domain FID of ``n_boot`` bootstrap resamples of ``fake`` against the fixed ``real`` features."""
     with torch.no_grad():
         ff = torch.cat([evaluator.features(fake[i:i + 500]).cpu() for i in range(0, len(fake), 500)])
         fr = torch.cat([evaluator.features(real[i:i + 500]).cpu() for i in range(0, len(real), 500)])
     r = _psd_sqrt(torch.cov(fr.double().T))
     g = torch.Generator().manual_seed(seed + 7)
-    vals = torch.tensor([frechet_distance(ff[torch.randint(0, len(ff), (len(ff),), generator=g)], fr, r)
+    return torch.tensor([frechet_distance(ff[torch.randint(0, len(ff), (len(ff),), generator=g)], fr, r)
                          for _ in range(n_boot)])
-    return _percentiles(vals, level)
 
 
 def samples_needed(forget_share: float, pul: float = 99.0, other: float = 95.0, level: float = 0.95) -> int:
@@ -194,7 +198,9 @@ def evaluate_prompts(model, scheduler, evaluator, config: EvalConfig | None = No
     Per prompt: ``label_accuracy`` (share labelled k, with a 95% bootstrap interval), the confident share
     and, with ``reference`` (an :class:`vdu.data.ImageData` of real labelled images), ``fid``: the domain
     FID of its samples against the real images of class k. For the prompts in ``erased`` the label
-    accuracy is the *forget rate* (what is left of the concept). With ``teacher`` (the pretrained model)
+    accuracy is the *forget rate* (what is left of the concept). Intervals: ``label_accuracy_ci`` from
+    ``config.bootstrap`` resamples of each prompt's samples, ``fid_ci`` from ``config.fid_bootstrap``; the summary's
+    intervals average the prompts' resamples (their samples are independent). With ``teacher`` (the pretrained model)
     and ``kl_images`` (labelled real images), ``kl``: the pathwise deviation
     ``E_t ||eps_theta(x_t, k) - eps_q(x_t, k)||^2`` (C_t = 1, per pixel) on noised real images of class k,
     the cost side of concept unlearning. ``summary`` averages the retained prompts."""
@@ -203,7 +209,7 @@ def evaluate_prompts(model, scheduler, evaluator, config: EvalConfig | None = No
     if null is None:
         raise ValueError("evaluate_prompts needs a class-conditional model (one with a null class)")
     erased = {int(k) for k in erased}
-    prompts = []
+    prompts, draws = [], {}
     for k in range(null):
         lab = torch.full((cfg.n_samples,), k, dtype=torch.long)
         x = cfg.sample(model, scheduler, lab, progress)
@@ -213,10 +219,16 @@ def evaluate_prompts(model, scheduler, evaluator, config: EvalConfig | None = No
                "confident_share": m["confident_share"]}
         if cfg.bootstrap:
             g = torch.Generator().manual_seed(cfg.seed + 99991 + k)
-            rec["label_accuracy_ci"] = _percentiles(hit[torch.randint(0, len(x), (cfg.bootstrap, len(x)), generator=g)].mean(1))
+            d = hit[torch.randint(0, len(x), (cfg.bootstrap, len(x)), generator=g)].mean(1)
+            rec["label_accuracy_ci"] = _percentiles(d)
+            draws.setdefault("label_accuracy", {})[k] = d
         if reference is not None:
             real = reference.images[reference.labels == k]
             rec["fid"] = domain_fid(evaluator, x, real)
+            if cfg.fid_bootstrap:
+                d = fid_draws(evaluator, x, real, cfg.fid_bootstrap, cfg.seed + k)
+                rec["fid_ci"] = _percentiles(d)
+                draws.setdefault("fid", {})[k] = d
         if teacher is not None and kl_images is not None:
             imgs = kl_images.images[kl_images.labels == k]
             g = torch.Generator().manual_seed(cfg.seed + 31 * k)
@@ -229,6 +241,9 @@ def evaluate_prompts(model, scheduler, evaluator, config: EvalConfig | None = No
     kept = [p for p in prompts if not p["erased"]]
     summary = {k: float(sum(p[k] for p in kept) / len(kept)) for k in ("label_accuracy", "fid", "kl", "confident_share")
                if kept and k in kept[0]}
+    for name, d in draws.items():
+        if kept:
+            summary[f"{name}_ci"] = _percentiles(torch.stack([d[p["prompt"]] for p in kept]).double().mean(0))
     summary.update({f"forget_rate_{p['prompt']}": p["label_accuracy"] for p in prompts if p["erased"]})
     return {"sampler": cfg.sampler, "steps": cfg.steps, "seed_bank": cfg.seed, "n_per_prompt": cfg.n_samples,
             "prompts": prompts, "summary": summary}

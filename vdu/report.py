@@ -58,18 +58,26 @@ def constrained(root: Path) -> str:
            f"{d['concept_loop']['batch_size']}. Pretrained: prompt {c} yields a {c} in "
            f"{b[f'forget_rate_{c}']:.0%} of its samples; retained prompts' label accuracy {b['label_accuracy']:.3f}, "
            f"domain FID {b['fid']:.2f} (means over the 9 retained prompts).", "",
-           "| run | guidance | forget rate of prompt [95% CI] | retained label accuracy (drop) | retained FID (x) | "
-           "deviation on retained prompts | stop | s |", "|---|---|---|---|---|---|---|---|"]
-    for r in d["esd"] + d["ru"]:
+           "| run | guidance | forget rate of prompt [95% CI] | retained label accuracy [95% CI] (drop) | "
+           "retained FID (x) [95% CI] | deviation on retained prompts | stop | s |", "|---|---|---|---|---|---|---|---|"]
+    for r in d["esd"] + d["ru"] + d.get("lu", []):
         ci = [p["label_accuracy_ci"] for p in r["eval"]["prompts"] if p["erased"]][0]
         if r["method"] == "esd":
             name, g = f"ESD η = {r['eta']:g}", f"η = {r['eta']:g} (fixed)"
-        else:
+        elif r["method"] == "ru":
             a = r["duals"][-1]["alpha"][0] if r["duals"] else float("nan")
             name, g = f"RU κ = {r['kl_min']:g}", f"α → {a:.2f} (dual)"
-        out.append(f"| {name} | {g} | {_ci(r['forget_rate'][0], ci)} | {r['retained_accuracy']:.3f} "
-                   f"({r['accuracy_drop']:+.3f}) | {r['fid_ratio']:.2f} | {r['deviation']:.2e} | {r['stop']} | "
+        else:
+            lam = r["duals"][-1]["lam"][0] if r["duals"] else float("nan")
+            name, g = f"LU ε = {r['eps']:g}", f"λ → {lam:.2f} (dual) × w"
+        out.append(f"| {name} | {g} | {_ci(r['forget_rate'][0], ci)} | "
+                   f"{_ci(r['retained_accuracy'], r.get('retained_accuracy_ci'), '{:.3f}')} ({r['accuracy_drop']:+.3f}) | "
+                   f"{_ci(r['fid_ratio'], r.get('fid_ratio_ci'))} | {r['deviation']:.2e} | {r['stop']} | "
                    f"{r['unlearn_s']:.0f} |")
+    if d.get("lu"):
+        out += ["", f"LU's concept weight w: `{d['lu_classifier']}` (the second evaluator); the forget rate is "
+                f"measured by the first. Retained intervals: bootstrap over each prompt's samples, the mean's "
+                f"interval from the prompts' resamples; FID ratios against the pretrained model's point value."]
     m = d["multi"]
     out += ["", f"Two prompts at once (RU, κ = {m['kl_min']:g}): forget rates "
             + ", ".join(f"{k}: {v:.2f}" for k, v in zip(d["concepts_multi"], m["forget_rate"]))
@@ -82,12 +90,14 @@ def constrained(root: Path) -> str:
         out += ["", f"VDU with γ from the likelihood constraint (function-space stability, forget ratio "
                 f"{v['options']['forget_ratio']:g}, {v['options']['steps']} steps, no stop rule; "
                 f"{v['evaluation']['samples']} samples, DDIM {v['evaluation']['ddim_steps']}):", "",
-                "| class | PUL % [95% CI] | u-FID (x) | γ at the end | hand-tuned PUL % | hand-tuned u-FID (x) |",
+                "| class | PUL % [95% CI] | u-FID (x) [95% CI] | γ at the end | hand-tuned PUL % | hand-tuned u-FID (x) |",
                 "|---|---|---|---|---|---|"]
         hand = (v.get("hand_tuned") or {}).get("rows", {})
         for r in v["rows"]:
             h = hand.get(str(r["forget_class"])) or hand.get(r["forget_class"]) or {}
-            out.append(f"| {r['forget_class']} | {_ci(r['pul'], r.get('pul_ci'), '{:.1f}')} | {r['u_fid_ratio']:.2f} | "
+            fci = r.get("u_fid_after_ci")
+            fci = None if fci is None else [x / r["u_fid_before"] for x in fci]
+            out.append(f"| {r['forget_class']} | {_ci(r['pul'], r.get('pul_ci'), '{:.1f}')} | {_ci(r['u_fid_ratio'], fci)} | "
                        f"{r['gamma_end']:.3f} | {h.get('pul', float('nan')):.1f} | {h.get('u_fid_ratio', float('nan')):.2f} |")
         mo = (v.get("hand_tuned") or {}).get("mean_over_classes")
         if mo:
@@ -106,13 +116,13 @@ def data(root: Path) -> str:
 
     def row(name, r, extra=""):
         return (f"| {name} | {_ci(r['mark_rate'], r.get('mark_rate_ci'), '{:.3f}')} | "
-                f"{_ci(r['membership_gap'], r.get('membership_gap_ci'), '{:+.4f}')} | {r['fid']:.2f} | "
+                f"{_ci(r['membership_gap'], r.get('membership_gap_ci'), '{:+.4f}')} | {_ci(r['fid'], r.get('fid_ci'))} | "
                 f"{r['confident_share']:.2f} | {extra} |")
 
     out = [f"`{d['canary_model']}`, {d['n_canaries']} trained + {d['n_canaries']} held-out canaries; {ev['n_samples']} "
            f"samples per model ({ev['sampler']}, seed bank {ev['seed_bank']}); NLL: {ev['nll']}; FID: {ev['fid']}; "
            f"every run {d['loop']['steps']} steps, batch {d['loop']['batch_size']}.", "",
-           "| model | mark rate [95% CI] | membership gap, bits/dim [95% CI] | FID | confident | run |",
+           "| model | mark rate [95% CI] | membership gap, bits/dim [95% CI] | FID [95% CI] | confident | run |",
            "|---|---|---|---|---|---|",
            row("canary model", d["before"], "—"), row("never saw the canaries", d["never_saw_canaries"], "—")]
     for r in d["rows"]:
@@ -237,7 +247,7 @@ def posteriors(root: Path) -> str:
         out.append(f"| {kind} | {st['k']} | {st['sigma_q01']:.1e} / {st['sigma_median']:.1e} / {st['sigma_q99']:.1e} | "
                    f"{st['spread_99_1']:.1f} | {st['rank_corr']:.3f} | {st['build_s']:.0f} |")
     opts = list(d["optimizers"])
-    out += ["", "| posterior | " + " | ".join(f"{o}: PUL % [95% CI] | {o}: u-FID (x) | {o}: confident | {o}: steps"
+    out += ["", "| posterior | " + " | ".join(f"{o}: PUL % [95% CI] | {o}: u-FID (x) [95% CI] | {o}: confident | {o}: steps"
                                              for o in opts) + " |",
             "|---|" + "---|" * (4 * len(opts))]
     rows = {(r["posterior"], r["optimizer"]): r for r in d["rows"]}
@@ -245,7 +255,9 @@ def posteriors(root: Path) -> str:
         cells = [kind]
         for o in opts:
             r = rows[(kind, o)]
-            cells += [_ci(r["pul"], r.get("pul_ci"), "{:.1f}"), f"{r['u_fid_ratio']:.2f}",
+            fci = r.get("u_fid_after_ci")
+            fci = None if fci is None else [x / r["u_fid_before"] for x in fci]
+            cells += [_ci(r["pul"], r.get("pul_ci"), "{:.1f}"), _ci(r["u_fid_ratio"], fci),
                       f"{r['confident_share_after']:.2f}", f"{r['steps']} ({r['stop'].replace('_', ' ')})"]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + (f"\n\nConfident share before: {d['rows'][0]['confident_share_before']:.2f}. "

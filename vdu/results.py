@@ -141,6 +141,15 @@ class RowCache:
         self.hits += 1
         return row, tensor
 
+    def row(self, compute, **spec) -> dict:
+        """The row of ``spec`` from disk, or ``compute()``'s row, stored for the next run."""
+        hit = self.get(**spec)
+        if hit is not None:
+            return hit[0]
+        row = compute()
+        self.put(row, **spec)
+        return row
+
     def put(self, row: dict, tensor: torch.Tensor | None = None, **spec) -> None:
         if self.folder is None:
             return

@@ -15,13 +15,14 @@ from .erasediff import EraseDiff
 from .esd import ESD
 from .finetune import Finetune
 from .fu import FU
+from .lu import LU
 from .neggrad import NegGrad
 from .ru import RU
 from .salun import SalUn
 from .siss import SISS
 from .vdu import VDU
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (VDU, NegGrad, Finetune, Amnesia, SalUn, EraseDiff, SISS, ESD, RU, FU)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (VDU, NegGrad, Finetune, Amnesia, SalUn, EraseDiff, SISS, ESD, RU, LU, FU)}
 
 
 def get_method(name: str) -> type[Method]:

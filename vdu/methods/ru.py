@@ -88,13 +88,7 @@ class RU(ESD):
         super().__init__(model, data, ESDConfig(eta=0.0, xt_source=c.xt_source, sample_steps=c.sample_steps),
                          scheduler, null_class, posterior)
         self.config = c
-        concepts = tuple(c.concepts) if c.concepts is not None else (data.forget_class,)
-        if not concepts or len(set(concepts)) != len(concepts):
-            raise ValueError(f"concepts must be distinct classes, got {c.concepts!r}")
-        for k in concepts:
-            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < null_class:
-                raise ValueError(f"concept {k!r} is not a class of this model (0..{null_class - 1})")
-        self.concepts = [int(k) for k in concepts]
+        self.concepts = concept_list(c.concepts, data, null_class)
         margin = 1.0 / (1.0 + c.alpha_max)
         # every=1: the dual step is taken by after_step every dual_every steps, on the window's ratio of sums
         self.duals = [DualAscent(DualDomain("ru", 1, margin=margin), c.dual_lr, 1, [lam0], c.patience)
@@ -151,3 +145,13 @@ class RU(ESD):
     def _lams(self) -> np.ndarray:
         return np.array([float(d.lam[0]) for d in self.duals])
 
+
+def concept_list(concepts, data, null_class) -> list[int]:
+    """The prompts to erase: ``concepts`` (distinct classes of the model) or, if None, the forget class."""
+    ks = tuple(concepts) if concepts is not None else (data.forget_class,)
+    if not ks or len(set(ks)) != len(ks):
+        raise ValueError(f"concepts must be distinct classes, got {concepts!r}")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < null_class:
+            raise ValueError(f"concept {k!r} is not a class of this model (0..{null_class - 1})")
+    return [int(k) for k in ks]
