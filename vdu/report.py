@@ -27,6 +27,12 @@ def _ci(v, ci, fmt="{:.2f}"):
     return f"{fmt.format(v)} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
 
 
+def _u_fid_ratio(r) -> str:
+    """A row's u-FID ratio to the pretrained model, with the after-interval over the pretrained point value."""
+    ci = r.get("u_fid_after_ci")
+    return _ci(r["u_fid_ratio"], None if ci is None else [x / r["u_fid_before"] for x in ci])
+
+
 def duality(root: Path) -> str:
     d = _load("results/gmm/duality.json", root)
     if d is None:
@@ -95,9 +101,7 @@ def constrained(root: Path) -> str:
         hand = (v.get("hand_tuned") or {}).get("rows", {})
         for r in v["rows"]:
             h = hand.get(str(r["forget_class"])) or hand.get(r["forget_class"]) or {}
-            fci = r.get("u_fid_after_ci")
-            fci = None if fci is None else [x / r["u_fid_before"] for x in fci]
-            out.append(f"| {r['forget_class']} | {_ci(r['pul'], r.get('pul_ci'), '{:.1f}')} | {_ci(r['u_fid_ratio'], fci)} | "
+            out.append(f"| {r['forget_class']} | {_ci(r['pul'], r.get('pul_ci'), '{:.1f}')} | {_u_fid_ratio(r)} | "
                        f"{r['gamma_end']:.3f} | {h.get('pul', float('nan')):.1f} | {h.get('u_fid_ratio', float('nan')):.2f} |")
         mo = (v.get("hand_tuned") or {}).get("mean_over_classes")
         if mo:
@@ -255,9 +259,7 @@ def posteriors(root: Path) -> str:
         cells = [kind]
         for o in opts:
             r = rows[(kind, o)]
-            fci = r.get("u_fid_after_ci")
-            fci = None if fci is None else [x / r["u_fid_before"] for x in fci]
-            cells += [_ci(r["pul"], r.get("pul_ci"), "{:.1f}"), _ci(r["u_fid_ratio"], fci),
+            cells += [_ci(r["pul"], r.get("pul_ci"), "{:.1f}"), _u_fid_ratio(r),
                       f"{r['confident_share_after']:.2f}", f"{r['steps']} ({r['stop'].replace('_', ' ')})"]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + (f"\n\nConfident share before: {d['rows'][0]['confident_share_before']:.2f}. "

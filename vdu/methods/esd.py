@@ -59,16 +59,25 @@ class ESD(Method):
         model.train(was)
         return x, torch.full((len(x),), int(ts[k]), device=x.device)
 
+    def _xt(self, model, c, forget, g):
+        """x_t and t of the prompt c: partial DDIM sampling under c, or the forget images noised (``xt_source``)."""
+        if self.config.xt_source == "sample":
+            return self._partial_sample(model, c, forget.shape, g)
+        xt, t, _ = forward_noise(self.scheduler, forget, g)
+        return xt, t
+
+    @torch.no_grad()
+    def _branches(self, xt, t, c):
+        """The frozen teacher's (eps_q(x_t, c), eps_q(x_t, null)), in one batched call."""
+        both = self.teacher(torch.cat([xt, xt]), torch.cat([t, t]),
+                            class_labels=torch.cat([c, torch.full_like(c, self.null)])).sample.float()
+        return both.chunk(2)
+
     def loss(self, model, batch):
         c = batch.forget_labels
-        if self.config.xt_source == "sample":
-            xt, t = self._partial_sample(model, c, batch.forget.shape, batch.generator)
-        else:
-            xt, t, _ = forward_noise(self.scheduler, batch.forget, batch.generator)
+        xt, t = self._xt(model, c, batch.forget, batch.generator)
+        e_c, e_u = self._branches(xt, t, c)
         with torch.no_grad():
-            both = self.teacher(torch.cat([xt, xt]), torch.cat([t, t]),
-                                class_labels=torch.cat([c, torch.full_like(c, self.null)])).sample.float()
-            e_c, e_u = both.chunk(2)
             target = e_u - self.config.eta * (e_c - e_u)
             fl, _ = self.denoising(model, batch.forget, c, batch.generator)
         loss = (model(xt, t, class_labels=c).sample.float() - target).pow(2).mean()

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..diffusion import forward_noise
+from ..diffusion import sample
 from ..primal_dual import DualAscent, DualDomain, InfeasibleConstraint
 from .base import check_fraction, check_nonneg
 from .esd import ESD, SOURCES, ESDConfig
@@ -56,7 +56,7 @@ class LUConfig:
     patience: int = 10           # dual steps at lam_max with the constraint violated before "infeasible"
     xt_source: str = "sample"    # x_t: "sample" (partial DDIM sampling under c, ESD's) or "forget" (noised D_f)
     sample_steps: int = 10       # DDIM steps of the partial sampling and of the dual step's samples
-    dual_seed: int = 0           # seed of the dual step's samples (the same noise at every dual step)
+    dual_seed: int = 0           # seed bank of the dual step's samples (the same noise at every dual step)
 
 
 class LU(ESD):
@@ -105,14 +105,9 @@ class LU(ESD):
         total, out = 0.0, {}
         for k, lam in zip(self.concepts, self.lams()):
             c = torch.full((shape[0],), k, device=batch.forget.device)
-            if self.config.xt_source == "sample":
-                xt, t = self._partial_sample(model, c, shape, g)
-            else:
-                xt, t, _ = forward_noise(self.scheduler, batch.forget, g)
+            xt, t = self._xt(model, c, batch.forget, g)
+            e_c, e_u = self._branches(xt, t, c)
             with torch.no_grad():
-                both = self.teacher(torch.cat([xt, xt]), torch.cat([t, t]),
-                                    class_labels=torch.cat([c, torch.full_like(c, self.null)])).sample.float()
-                e_c, e_u = both.chunk(2)
                 a = self.abar.to(xt.device)[t].float().view(-1, 1, 1, 1)
                 w = self.weight((xt - (1 - a).sqrt() * e_u) / a.sqrt(), k).view(-1, 1, 1, 1)
                 target = e_u + lam * w * (e_u - e_c)
@@ -127,22 +122,10 @@ class LU(ESD):
     @torch.no_grad()
     def concept_rate(self, model) -> np.ndarray:
         """E_{x ~ p_theta(.|c)}[w_c(x)] per concept on ``dual_samples`` full DDIM samples (the same noise each time)."""
-        n, dev = self.config.dual_samples, next(model.parameters()).device
-        cfg = model.config
-        shape = (n, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        was = model.training
-        model.eval()
-        rates = []
-        for k in self.concepts:
-            g = torch.Generator().manual_seed(self.config.dual_seed + k)
-            x = torch.randn(shape, generator=g).to(dev)
-            c = torch.full((n,), k, device=dev)
-            for t in self.ddim.timesteps:
-                x = self.ddim.step(model(x, torch.full((n,), int(t), device=dev), class_labels=c).sample, t,
-                                   x).prev_sample
-            rates.append(float(self.weight(x, k).mean()))
-        model.train(was)
-        return np.array(rates)
+        c = self.config
+        return np.array([float(self.weight(sample(model, self.scheduler, c.dual_samples, seed=c.dual_seed + k,
+                                                  steps=c.sample_steps, class_labels=k, progress=False), k).mean())
+                         for k in self.concepts])
 
     def after_step(self, model, step, out):
         if step % self.config.dual_every:

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..diffusion import forward_noise
 from ..primal_dual import DualAscent, DualDomain, InfeasibleConstraint
 from .base import check_nonneg
 from .esd import ESD, SOURCES, ESDConfig
@@ -103,15 +102,9 @@ class RU(ESD):
         total, num, den = 0.0, [], []
         for k, alpha in zip(self.concepts, self.alphas()):
             c = torch.full((shape[0],), k, device=batch.forget.device)
-            if self.config.xt_source == "sample":
-                xt, t = self._partial_sample(model, c, shape, g)
-            else:
-                xt, t, _ = forward_noise(self.scheduler, batch.forget, g)
-            with torch.no_grad():
-                both = self.teacher(torch.cat([xt, xt]), torch.cat([t, t]),
-                                    class_labels=torch.cat([c, torch.full_like(c, self.null)])).sample.float()
-                e_c, e_u = both.chunk(2)
-                target = e_u + alpha * (e_u - e_c)
+            xt, t = self._xt(model, c, batch.forget, g)
+            e_c, e_u = self._branches(xt, t, c)
+            target = e_u + alpha * (e_u - e_c)
             pred = model(xt, t, class_labels=c).sample.float()
             total = total + (pred - target).pow(2).mean()
             num.append((pred.detach() - e_c).pow(2).mean())      # K(theta) on this batch's x_t
