@@ -13,7 +13,7 @@ NOTEBOOKS ?=
 FORCE ?=
 GPU ?=
 
-.PHONY: setup test unit nbval run-all bench sync lab clean docs docs-check
+.PHONY: setup test unit nbval run-all bench bench-gpu sync lab clean docs docs-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -38,6 +38,10 @@ run-all: setup
 
 bench: setup
 	$(PY) -m vdu.bench
+
+# the accelerator run: fp32 and bf16 at batches 64 and 512, samplers, ratios to this CPU's bench.json
+bench-gpu: setup
+	$(PY) -m vdu.bench --device cuda --quality-samples 1000
 
 # the static site of the notebooks (executed full-profile runs of docs/executed/ where committed), offline
 docs: setup

@@ -102,8 +102,8 @@ sample_steps = 5           # DDIM steps of those samples
 n_kl_images = 32           # real test images per prompt for the deviation on retained prompts
 seed = 0
 concept_loop = dict(steps=2, batch_size=8, lr=1e-5, probe_every=0)
-esd_etas = [1.0]           # ESD's guidance sweep (full: [0.5, 1, 2, 4])
-ru_kl_min = [4.0]          # RU thresholds kappa = b / D0 (full: [2.25, 4, 9, 25]: alpha_0 = 0.5, 1, 2, 4)
+esd_etas = [1.0]           # ESD's guidance sweep (full: [0.1, 0.25, 0.5, 1, 2, 4])
+ru_kl_min = [4.0]          # RU thresholds kappa = b / D0 (full: [1.21, 1.5625, 2.25, 4, 9]: alpha_0 = 0.1, 0.25, 0.5, 1, 2)
 ru_options = dict(dual_lr=0.02, dual_every=1, sample_steps=4)
 lu_eps = [0.05]            # LU thresholds: E_p[q(1 | x)] <= eps (full: [0.2, 0.05, 0.01])
 lu_classifier = "checkpoints/mnist/evaluator-lenet"   # w_c of LU: the second evaluator, not the one that measures
