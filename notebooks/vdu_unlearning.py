@@ -178,14 +178,6 @@ if cache_dir:   # every row depends on these and on its own spec: a row on disk 
                                nll_images=nll_images, seed=seed))
 
 
-def cached(compute, **spec):
-    """``compute()``'s row, or the row computed earlier for the same spec (``cache_dir``)."""
-    hit = cache.get(**spec)
-    if hit is not None:
-        return hit[0]
-    row = compute()
-    cache.put(row, **spec)
-    return row
 print(machine())
 print(f"model: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters; posterior K={posterior['k']} "
       f"({posterior['method']})")
@@ -279,11 +271,11 @@ trajectories = {}
 loop_common = {k: v for k, v in common.items() if k in LoopConfig.__dataclass_fields__}  # NegGrad has no B options
 runs = {**configs, "neggrad": {**loop_common, "lr": neggrad_lr, "seed": seed}} if trajectory_steps else {}
 for name, c in runs.items():
-    trajectories[name] = cached(lambda: trajectory(unet, sched, evaluator, split, c, evaluation, trajectory_steps,
-                                                   trajectory_every, posterior,
-                                                   method="neggrad" if name == "neggrad" else "vdu"),
-                                part="trajectory", name=name, config=c, steps=trajectory_steps, every=trajectory_every,
-                                evaluation=evaluation)
+    trajectories[name] = cache.row(lambda: trajectory(unet, sched, evaluator, split, c, evaluation, trajectory_steps,
+                                                      trajectory_every, posterior,
+                                                      method="neggrad" if name == "neggrad" else "vdu"),
+                                   part="trajectory", name=name, config=c, steps=trajectory_steps,
+                                   every=trajectory_every, evaluation=evaluation)
     for e in trajectories[name]:
         print(f"{name:>13} step {e['step']:3d}: forget loss x{e['forget_loss_ratio']:.3f}  PUL {e['pul']:6.1f}%  "
               f"confident {e['confident_share']:.2f}  u-FID {e['u_fid']:.2f}")
@@ -358,9 +350,9 @@ for norm in ("mean", "sum") if ablation_steps else ():
     for cen in ("deployed", "mean"):
         c = {**configs["vdu"], "normalization": norm, "center": cen, "steps": ablation_steps, "stop_forget_ratio": None,
              "probe_every": ablation_steps}
-        row = cached(lambda: unlearn_and_measure(unet, sched, evaluator, split, before, c, evaluation, posterior,
-                                                 nll=False, name=f"{norm}/{cen}"),
-                     part="ablation", config=c, evaluation=evaluation)
+        row = cache.row(lambda: unlearn_and_measure(unet, sched, evaluator, split, before, c, evaluation, posterior,
+                                                    nll=False, name=f"{norm}/{cen}"),
+                        part="ablation", config=c, evaluation=evaluation)
         ablation.append(row)
         print(f"{norm:>4} / {cen:>8}: PUL {row['pul']:.1f}%, confident {row['confident_share_after']:.2f}, "
               f"u-FID {row['u_fid_after']:.2f}")
@@ -396,9 +388,9 @@ def show(r):
 table = []
 for c in classes:
     for name, cf in configs.items():
-        table.append(cached(lambda: unlearn_and_measure(unet, sched, evaluator, *class_data(c, table_evaluation), cf,
-                                                        table_evaluation, posterior, name=name),
-                            part="table", name=name, c=c, config=cf, evaluation=table_evaluation))
+        table.append(cache.row(lambda: unlearn_and_measure(unet, sched, evaluator, *class_data(c, table_evaluation), cf,
+                                                           table_evaluation, posterior, name=name),
+                               part="table", name=name, c=c, config=cf, evaluation=table_evaluation))
         show(table[-1])
 
 # %% [markdown] tags=[]
@@ -409,9 +401,9 @@ for c in classes:
 gamma_sweep = []
 for name, cf in configs.items():
     for gm in gammas.get(name, []):
-        r = cached(lambda: unlearn_and_measure(unet, sched, evaluator, *class_data(forget_class), {**cf, "gamma": gm},
-                                               evaluation, posterior, nll=False, name=name),
-                   part="gamma", name=name, config={**cf, "gamma": gm}, evaluation=evaluation)
+        r = cache.row(lambda: unlearn_and_measure(unet, sched, evaluator, *class_data(forget_class),
+                                                  {**cf, "gamma": gm}, evaluation, posterior, nll=False, name=name),
+                      part="gamma", name=name, config={**cf, "gamma": gm}, evaluation=evaluation)
         gamma_sweep.append({**r, "gamma": gm})
         show(r)
 if gamma_sweep:
@@ -436,9 +428,9 @@ for name, cf in configs.items() if forget_fractions else ():
     for fr in forget_fractions:
         sp = class_split(train, test, forget_class, fraction=fr, n_reference=n_reference, nll_images=nll_images,
                           seed=seed)
-        r = cached(lambda: unlearn_and_measure(unet, sched, evaluator, sp, class_data(forget_class)[1], cf, evaluation,
-                                               posterior, nll=False, name=name),
-                   part="size", name=name, fraction=fr, config=cf, evaluation=evaluation)
+        r = cache.row(lambda: unlearn_and_measure(unet, sched, evaluator, sp, class_data(forget_class)[1], cf,
+                                                  evaluation, posterior, nll=False, name=name),
+                      part="size", name=name, fraction=fr, config=cf, evaluation=evaluation)
         size_sweep.append({**r, "fraction": fr})
         show(r)
 k_sweep = []
@@ -455,8 +447,8 @@ def k_row(k):
 
 
 for k in ks:
-    k_sweep.append(cached(lambda: k_row(k), part="K", k=k, continuation_steps=continuation_steps,
-                          config={**configs["vdu"], "gamma": k_gamma}, evaluation=evaluation))
+    k_sweep.append(cache.row(lambda: k_row(k), part="K", k=k, continuation_steps=continuation_steps,
+                             config={**configs["vdu"], "gamma": k_gamma}, evaluation=evaluation))
     show(k_sweep[-1])
 
 # %% [markdown] tags=[]
