@@ -415,10 +415,11 @@ path = REPO / hand_tuned
 if path.exists():
     tab = json.loads(path.read_text())
     rows = [r for r in tab.get("classes", []) if r.get("config") == "vdu-function"]
-    same = tab.get("evaluation", {}).get("samples") == vdu_samples and \
-        tab.get("evaluation", {}).get("ddim_steps") == vdu_sample_steps
-    hand = {"source": hand_tuned, "same_evaluation": bool(same),
-            "rows": {r["forget_class"]: {"pul": r["pul"], "u_fid_ratio": r["u_fid_ratio"]} for r in rows}}
+    n_hand = sorted({r.get("n_samples") or tab.get("evaluation", {}).get("samples") for r in rows})
+    same = n_hand == [vdu_samples] and tab.get("evaluation", {}).get("ddim_steps") == vdu_sample_steps
+    hand = {"source": hand_tuned, "same_evaluation": bool(same), "samples": n_hand,
+            "rows": {r["forget_class"]: {"pul": r["pul"], "pul_ci": r.get("pul_ci"), "u_fid_ratio": r["u_fid_ratio"]}
+                     for r in rows}}
     common = [r for r in vdu_rows if r["forget_class"] in hand["rows"]]
     if common:
         pul_d = np.mean([r["pul"] for r in common])
@@ -429,7 +430,8 @@ if path.exists():
                                      "pul_hand": pul_h, "u_fid_ratio_dual": fid_d, "u_fid_ratio_hand": fid_h}
         print(f"mean over classes {hand['mean_over_classes']['classes']}: PUL dual {pul_d:.1f}% vs hand-tuned "
               f"{pul_h:.1f}%; u-FID ratio {fid_d:.2f} vs {fid_h:.2f}"
-              + ("" if same else "  (the hand-tuned table used another evaluation: compare with care)"))
+              + ("" if same else f"  (the hand-tuned table used {n_hand} samples per model, this one {vdu_samples}: "
+                                 "compare the intervals)"))
 
 fig, ax = plt.subplots(1, 1, figsize=(5, 3.2))
 for r in vdu_rows:

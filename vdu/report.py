@@ -96,18 +96,24 @@ def constrained(root: Path) -> str:
         out += ["", f"VDU with γ from the likelihood constraint (function-space stability, forget ratio "
                 f"{v['options']['forget_ratio']:g}, {v['options']['steps']} steps, no stop rule; "
                 f"{v['evaluation']['samples']} samples, DDIM {v['evaluation']['ddim_steps']}):", "",
-                "| class | PUL % [95% CI] | u-FID (x) [95% CI] | γ at the end | hand-tuned PUL % | hand-tuned u-FID (x) |",
+                "| class | PUL % [95% CI] | u-FID (x) [95% CI] | γ at the end | hand-tuned PUL % [95% CI] | hand-tuned u-FID (x) |",
                 "|---|---|---|---|---|---|"]
-        hand = (v.get("hand_tuned") or {}).get("rows", {})
+        ht = v.get("hand_tuned") or {}
+        hand = ht.get("rows", {})
         for r in v["rows"]:
             h = hand.get(str(r["forget_class"])) or hand.get(r["forget_class"]) or {}
             out.append(f"| {r['forget_class']} | {_ci(r['pul'], r.get('pul_ci'), '{:.1f}')} | {_u_fid_ratio(r)} | "
-                       f"{r['gamma_end']:.3f} | {h.get('pul', float('nan')):.1f} | {h.get('u_fid_ratio', float('nan')):.2f} |")
-        mo = (v.get("hand_tuned") or {}).get("mean_over_classes")
+                       f"{r['gamma_end']:.3f} | {_ci(h.get('pul', float('nan')), h.get('pul_ci'), '{:.1f}')} | "
+                       f"{h.get('u_fid_ratio', float('nan')):.2f} |")
+        mo = ht.get("mean_over_classes")
         if mo:
+            n = ht.get("samples")
             out += ["", f"Mean over classes {mo['classes']}: PUL {mo['pul_dual']:.1f}% (dual) vs {mo['pul_hand']:.1f}% "
                     f"(hand-tuned γ 0.8 + stop at 1.3x); u-FID ratio {mo['u_fid_ratio_dual']:.2f} vs "
-                    f"{mo['u_fid_ratio_hand']:.2f}."]
+                    f"{mo['u_fid_ratio_hand']:.2f}."
+                    + (f" The hand-tuned rows (`{ht.get('source')}`) use {', '.join(f'{k:,}' for k in n)} samples per "
+                       f"model, this table {v['evaluation']['samples']}: compare the intervals, not the points."
+                       if n and not ht.get("same_evaluation") else "")]
     out += ["", f"{d['machine']}, notebook {d['notebook_wall_s'] / 60:.0f} min, written {d['written']}."]
     return "\n".join(out) + "\n"
 
