@@ -74,3 +74,16 @@ def test_evaluate_scores_with_a_second_evaluator(tiny_folder, capsys, tmp_path):
                  "--dataset", "mnist", "--second-evaluator", str(tmp_path / "second")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert 0 <= out["label_agreement"] <= 1 and len(out["counts_second"]) == 10 and "labels_second" not in out
+
+
+def test_card_records_the_sampler_it_measured_with(tiny_folder, capsys):
+    from conftest import CKPT
+    ev = str(CKPT / "evaluator")
+    main(["card", str(tiny_folder), "--evaluator", ev, "--n", "4", "--steps", "2", "--sampler", "ddpm",
+          "--nll-images", "2"])
+    card = json.loads((tiny_folder / "card.json").read_text())
+    assert card["metrics"]["samples"]["sampler"] == "DDPM ancestral, 2 steps"
+    assert (tiny_folder / "samples.png").exists() and "--sampler ddpm" in card["card_command"]
+    with pytest.raises(SystemExit) as e:
+        main(["card", str(tiny_folder), "--evaluator", ev, "--sampler", "euler"])
+    assert e.value.code == 2

@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model_dir")
     p.add_argument("--evaluator", required=True)
     p.add_argument("--n", type=_int_at_least(2), default=1000, help="samples to evaluate (>= 2: FID needs two)")
-    p.add_argument("--steps", type=_int_at_least(1), default=50, help="DDIM steps for the samples")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm"],
+                   help="how the card's samples are drawn: ddim (eta 0), ddpm (ancestral) or dpm (DPM-Solver++)")
+    p.add_argument("--steps", type=_int_at_least(1), default=50, help="sampler steps for the samples")
     p.add_argument("--nll-images", type=_int_at_least(1), default=256)
     p.add_argument("--notes", default="", help="free text stored in the card (how the run went)")
     from .methods import REGISTRY
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 command=" ".join(["python -m vdu"] + (argv or sys.argv[1:]))), indent=2))
     elif a.cmd == "card":
         from .cards import model_card
-        print(json.dumps(model_card(a.model_dir, a.evaluator, n=a.n, ddim_steps=a.steps,
+        print(json.dumps(model_card(a.model_dir, a.evaluator, n=a.n, ddim_steps=a.steps, sampler=a.sampler,
                                     nll_images=a.nll_images, notes=a.notes,
                                     command=" ".join(["python -m vdu"] + (argv or sys.argv[1:]))), indent=2))
     elif a.cmd in ("unlearn", "evaluate"):

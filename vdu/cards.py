@@ -44,9 +44,16 @@ def quality_bar(hist: dict, confident_min: float = 0.9, share_range=(0.05, 0.15)
             "rule": f"confident(max p >= {hist['threshold']}) >= {confident_min:.0%}, every class in [{lo:.0%}, {hi:.0%}]"}
 
 
+# how a card names the sampler its numbers were measured with
+SAMPLER_NAMES = {"ddim": "DDIM {steps} steps, eta 0", "ddpm": "DDPM ancestral, {steps} steps",
+                 "dpm": "DPM-Solver++ {steps} steps"}
+
+
 def evaluate(unet, scheduler, evaluator, reference, n: int = 1000, ddim_steps: int = 50, nll_images: int = 256,
-             nll_timesteps: int = 100, seed: int = 0, progress: bool = True) -> tuple[dict, torch.Tensor]:
-    """Sample ``n`` images from the seed bank and measure them (docs/mathematics.md §4): class shares,
+             nll_timesteps: int = 100, seed: int = 0, progress: bool = True,
+             sampler: str = "ddim") -> tuple[dict, torch.Tensor]:
+    """Sample ``n`` images from the seed bank with ``sampler`` ("ddim", "ddpm" ancestral, "dpm"; ``ddim_steps``
+    steps) and measure them (docs/mathematics.md §4): class shares,
     confident share, domain FID/KID against ``reference`` (an ImageData), and the NLL bound of
     ``nll_images`` reference images. Class-conditional models get labels ``i % classes``.
     Returns (metrics, samples)."""
@@ -54,11 +61,11 @@ def evaluate(unet, scheduler, evaluator, reference, n: int = 1000, ddim_steps: i
     labels = None
     if null_class(unet) is not None:
         labels = torch.arange(n) % null_class(unet)
-    x = EvalConfig(n, "ddim", ddim_steps, seed).sample(unet, scheduler, class_labels=labels, progress=progress)
+    x = EvalConfig(n, sampler, ddim_steps, seed).sample(unet, scheduler, class_labels=labels, progress=progress)
     sample_s = time.time() - t0
     hist = class_histogram(evaluator, x)
     m = {
-        "samples": {"n": n, "sampler": f"DDIM {ddim_steps} steps, eta 0", "seed_bank": seed,
+        "samples": {"n": n, "sampler": SAMPLER_NAMES[sampler].format(steps=ddim_steps), "seed_bank": seed,
                     "conditional_labels": "i % classes" if labels is not None else None, "wall_s": round(sample_s, 1)},
         "class_shares": [round(v, 4) for v in hist["shares"]],
         "confident_share": round(hist["confident_share"], 4),
@@ -82,8 +89,9 @@ def evaluate(unet, scheduler, evaluator, reference, n: int = 1000, ddim_steps: i
 
 def model_card(model_dir: str | os.PathLike, evaluator_dir: str | os.PathLike, n: int = 1000, ddim_steps: int = 50,
                nll_images: int = 256, nll_timesteps: int = 100, seed: int = 0, command: str = "",
-               data_root=None, progress: bool = True, notes: str = "") -> dict:
-    """Evaluate a model folder against its dataset's test set; write card.json and samples.png there."""
+               data_root=None, progress: bool = True, notes: str = "", sampler: str = "ddim") -> dict:
+    """Evaluate a model folder against its dataset's test set; write card.json and samples.png there.
+    ``sampler``/``ddim_steps``: how the card's samples are drawn (see :func:`evaluate`)."""
     from .training import TrainConfig
 
     model_dir = Path(model_dir)
@@ -92,7 +100,7 @@ def model_card(model_dir: str | os.PathLike, evaluator_dir: str | os.PathLike, n
     train = json.loads((model_dir / "train.json").read_text()) if (model_dir / "train.json").exists() else {}
     dataset = train.get("config", {}).get("dataset", "mnist")
     metrics, x = evaluate(unet, sched, ev, load_dataset(dataset, "test", data_root), n, ddim_steps, nll_images,
-                          nll_timesteps, seed, progress)
+                          nll_timesteps, seed, progress, sampler)
     cfg = train.get("config", {})
     if cfg.get("canaries"):          # a canary model: how much of its canaries it reproduces and explains
         from .canaries import canary_sets, has_mark
