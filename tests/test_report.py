@@ -58,3 +58,26 @@ def test_a_target_is_met_only_by_the_whole_interval(tmp_path):
     bold = {line.split(" | ")[0].strip("| ") for line in table.splitlines() if "**98.0" in line}
     assert bold == {"0", "3"}, table
     assert "2 / 4 (classes 0, 3)" in table and "1,500 samples per model" in table
+
+
+def test_the_benchmark_table_reads_the_notebooks_results(tmp_path):
+    """The benchmark block renders the summary the notebook wrote (here its smoke run's file, when present, else a
+    written one), and before the full run exists it says how many rows are banked instead of showing numbers."""
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- report:benchmark -->\n<!-- /report -->\n")
+    (tmp_path / "results" / "mnist" / "rows" / "benchmark").mkdir(parents=True)
+    (tmp_path / "results" / "mnist" / "rows" / "benchmark" / "abc.json").write_text("{}")
+    report.main(readme=readme, root=tmp_path)
+    assert "not written yet" in readme.read_text() and "1 finished rows banked" in readme.read_text()
+    s = dict(model="uncond", data="forget-only", entry="vdu-function", method="vdu", classes=3, pul=97.5,
+             forget_share=0.002, u_fid_ratio=1.1, confident=0.58, confident_before=0.59, steps=40.0, unlearn_s=95.0,
+             relearn=0.4, at_target=2)
+    (tmp_path / "results" / "mnist" / "benchmark.json").write_text(json.dumps(dict(
+        summary=[s, dict(s, entry="neggrad", relearn=None)], target=dict(pul=95.0, u_fid_ratio=1.2),
+        evaluation=dict(samples=1200, sampler="DDIM 20", seed_bank=0), relearn=dict(images=16, steps=50),
+        machine="m", notebook_wall_s=600.0, rows_from_cache=5, written="now")))
+    report.main(readme=readme, root=tmp_path)
+    text = readme.read_text()
+    assert "| uncond | forget-only | `vdu-function` | 3 | 97.5 | 0.002 | 1.10 | 0.58 (before 0.59) | 0.40 | 40 | 95 | 2 / 3 |" \
+        in text, text
+    assert "| — |" in text and "1,200 samples per model (DDIM 20" in text and "5 rows from earlier sessions" in text

@@ -272,7 +272,32 @@ def posteriors(root: Path) -> str:
                              f"Notebook {d['wall_time_s'] / 60:.0f} min, written {d['written']}.\n")
 
 
-TABLES = {"duality": duality, "constrained": constrained, "data": data, "evaluation": evaluation, "vdu": vdu_classes,
+def benchmark(root: Path) -> str:
+    d = _load("results/mnist/benchmark.json", root)
+    if d is None:
+        banked = len(list((root / "results/mnist/rows/benchmark").glob("*.json")))
+        return ("_results/mnist/benchmark.json not written yet (`make run-all NOTEBOOKS=benchmark`): the full run is "
+                f"in progress, {banked} finished rows banked in `results/mnist/rows/benchmark/`._\n")
+    ev, t = d["evaluation"], d["target"]
+    out = ["| model | data | entry | classes | mean PUL % | forget share after | u-FID (x) | confident after | "
+           "relearning (x pretrained's) | steps | s | at target |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in d["summary"]:
+        rel = "—" if s.get("relearn") is None else f"{s['relearn']:.2f}"
+        out.append(f"| {s['model']} | {s['data']} | `{s['entry']}` | {s['classes']} | {s['pul']:.1f} | "
+                   f"{s['forget_share']:.3f} | {s['u_fid_ratio']:.2f} | {s['confident']:.2f} (before "
+                   f"{s['confident_before']:.2f}) | {rel} | {s['steps']:.0f} | {s['unlearn_s']:.0f} | "
+                   f"{s['at_target']} / {s['classes']} |")
+    return "\n".join(out) + (
+        f"\n\nMeans over the classes each entry ran; every row with its 95% intervals is in the results file. "
+        f"{ev['samples']:,} samples per model ({ev['sampler']}, seed bank {ev['seed_bank']}). At target: rows whose "
+        f"whole interval meets PUL >= {t['pul']:g}% and u-FID <= {t['u_fid_ratio']:g}x. Relearning: the forget share "
+        f"after fine-tuning on {d['relearn']['images']} forget images for {d['relearn']['steps']} steps, over the "
+        f"pretrained model's after the same attack (1: no resistance). {d['machine']}, notebook "
+        f"{d['notebook_wall_s'] / 60:.0f} min ({d['rows_from_cache']} rows from earlier sessions), written "
+        f"{d['written']}.\n")
+
+
+TABLES = {"benchmark": benchmark, "duality": duality, "constrained": constrained, "data": data, "evaluation": evaluation, "vdu": vdu_classes,
           "posteriors": posteriors}
 
 
