@@ -193,19 +193,28 @@ def attacked_share(model, kind, c, data):
     return evaluate(r, b["sched"], evaluator, evaluation, data, nll=False, class_labels=b["labels"])[0]["forget_share"]
 
 
+refs = {}                                   # (model, class) -> the attacked pretrained model's forget share
+ref_cache = RowCache(cache.folder, **cache.context)   # the same folder; its reads are not counted as method rows
+
+
 def relearn_reference(kind, c):
-    """The same attack on the pretrained model: the forget share a model that never forgot reaches (cached)."""
-    spec = dict(entry="pretrained-relearn", kind=kind, c=c, seed=seed, relearn=[relearn_images, relearn_steps, relearn_lr])
-    return cache.row(lambda: dict(forget_share=attacked_share(bases[kind]["unet"], kind, c, class_data(kind, c)[0])),
-                     **spec)["forget_share"]
+    """The same attack on the pretrained model: the forget share a model that never forgot reaches."""
+    if (kind, c) not in refs:
+        spec = dict(entry="pretrained-relearn", kind=kind, c=c, seed=seed,
+                    relearn=[relearn_images, relearn_steps, relearn_lr])
+        refs[kind, c] = ref_cache.row(lambda: dict(forget_share=attacked_share(
+            bases[kind]["unet"], kind, c, class_data(kind, c)[0])), **spec)["forget_share"]
+    return refs[kind, c]
 
 
 def with_attack(r):
-    """Add the relearning column: the attacked forget share over the attacked pretrained model's."""
-    if relearn_steps and "relearn_forget_share" in r:
-        ref = relearn_reference(r["model"], r["forget_class"])
-        r = {**r, "relearn_pretrained_share": ref, "relearn_vs_pretrained": r["relearn_forget_share"] / max(ref, 1e-9)}
-    return r
+    """Add the relearning column: the attacked forget share over the attacked pretrained model's (None when the
+    attacked pretrained model draws none of the class: the ratio is undefined)."""
+    if not relearn_steps:
+        return r
+    ref = relearn_reference(r["model"], r["forget_class"])
+    return {**r, "relearn_pretrained_share": ref,
+            "relearn_vs_pretrained": r["relearn_forget_share"] / ref if ref > 0 else None}
 
 
 def run(name, kind, c, grid=False, **extra):
@@ -246,7 +255,8 @@ def show(r):
     print(f"{r['model']:>6} {r['config']:>13} class {r['forget_class']}: PUL {r['pul']:6.1f}% {ci(r, 'pul_ci')}  forget share "
           f"{r['forget_share_before']:.3f} -> {r['forget_share_after']:.3f}  u-FID x{r['u_fid_ratio']:.2f}  confident "
           f"{r['confident_share_before']:.2f} -> {r['confident_share_after']:.2f}  relearn "
-          f"{r.get('relearn_vs_pretrained', float('nan')):.2f}  ({r['steps']} steps, {r['stop']}, {r['unlearn_s']} s)")
+          f"{r.get('relearn_vs_pretrained') if r.get('relearn_vs_pretrained') is not None else float('nan'):.2f}  "
+          f"({r['steps']} steps, {r['stop']}, {r['unlearn_s']} s)")
 
 # %% [markdown] tags=[]
 # **How many samples a target needs.** With the pretrained model drawing the forgotten class at share $s$, a
@@ -294,7 +304,9 @@ for kind in models:
             rs = [r for r in table if r["model"] == kind and r["config"] == name and r["data"] == access]
             if not rs:
                 continue
-            mean = lambda k: sum(r[k] for r in rs if r.get(k) is not None) / len(rs)  # noqa: E731
+            def mean(k):          # over the rows that have the value (None where none has it)
+                vals = [r[k] for r in rs if r.get(k) is not None]
+                return sum(vals) / len(vals) if vals else None
             s = dict(model=kind, data=access, entry=name, method=entries[name]["method"], classes=len(rs),
                      pul=mean("pul"), forget_share=mean("forget_share_after"), u_fid_ratio=mean("u_fid_ratio"),
                      confident=mean("confident_share_after"), confident_before=mean("confident_share_before"),

@@ -76,11 +76,16 @@ def test_evaluate_scores_with_a_second_evaluator(tiny_folder, capsys, tmp_path):
     assert 0 <= out["label_agreement"] <= 1 and len(out["counts_second"]) == 10 and "labels_second" not in out
 
 
-def test_card_records_the_sampler_it_measured_with(tiny_folder, capsys):
+def test_card_records_the_sampler_it_measured_with(tiny_folder, capsys, monkeypatch):
     from conftest import CKPT
+    from vdu import evaluation
     ev = str(CKPT / "evaluator")
+    used = []
+    real = evaluation.sample
+    monkeypatch.setattr(evaluation, "sample", lambda *a, **k: used.append((k["method"], k["steps"])) or real(*a, **k))
     main(["card", str(tiny_folder), "--evaluator", ev, "--n", "4", "--steps", "2", "--sampler", "ddpm",
           "--nll-images", "2"])
+    assert used == [("ddpm", 2)]            # the samples were drawn with the sampler the card names
     card = json.loads((tiny_folder / "card.json").read_text())
     assert card["metrics"]["samples"]["sampler"] == "DDPM ancestral, 2 steps"
     assert (tiny_folder / "samples.png").exists() and "--sampler ddpm" in card["card_command"]

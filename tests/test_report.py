@@ -61,14 +61,14 @@ def test_a_target_is_met_only_by_the_whole_interval(tmp_path):
 
 
 def test_the_benchmark_table_reads_the_notebooks_results(tmp_path):
-    """The benchmark block renders the summary the notebook wrote (here its smoke run's file, when present, else a
-    written one), and before the full run exists it says how many rows are banked instead of showing numbers."""
+    """The benchmark block renders the summary the notebook wrote (a file written here), and before the full run
+    exists it says how many rows are cached instead of showing numbers."""
     readme = tmp_path / "README.md"
     readme.write_text("<!-- report:benchmark -->\n<!-- /report -->\n")
     (tmp_path / "results" / "mnist" / "rows" / "benchmark").mkdir(parents=True)
     (tmp_path / "results" / "mnist" / "rows" / "benchmark" / "abc.json").write_text("{}")
     report.main(readme=readme, root=tmp_path)
-    assert "not written yet" in readme.read_text() and "1 finished rows banked" in readme.read_text()
+    assert "not written yet" in readme.read_text() and "1 cached row (" in readme.read_text()
     s = dict(model="uncond", data="forget-only", entry="vdu-function", method="vdu", classes=3, pul=97.5,
              forget_share=0.002, u_fid_ratio=1.1, confident=0.58, confident_before=0.59, steps=40.0, unlearn_s=95.0,
              relearn=0.4, at_target=2)
@@ -78,6 +78,6 @@ def test_the_benchmark_table_reads_the_notebooks_results(tmp_path):
         machine="m", notebook_wall_s=600.0, rows_from_cache=5, written="now")))
     report.main(readme=readme, root=tmp_path)
     text = readme.read_text()
-    assert "| uncond | forget-only | `vdu-function` | 3 | 97.5 | 0.002 | 1.10 | 0.58 (before 0.59) | 0.40 | 40 | 95 | 2 / 3 |" \
-        in text, text
+    row = "| uncond | forget-only | `vdu-function` | 3 | 97.5 | 0.002 | 1.10 | 0.58 (before 0.59) | 0.40 | 40 | 95 | 2 / 3 |"
+    assert row in text, text
     assert "| — |" in text and "1,200 samples per model (DDIM 20" in text and "5 rows from earlier sessions" in text

@@ -275,9 +275,10 @@ def posteriors(root: Path) -> str:
 def benchmark(root: Path) -> str:
     d = _load("results/mnist/benchmark.json", root)
     if d is None:
-        banked = len(list((root / "results/mnist/rows/benchmark").glob("*.json")))
-        return ("_results/mnist/benchmark.json not written yet (`make run-all NOTEBOOKS=benchmark`): the full run is "
-                f"in progress, {banked} finished rows banked in `results/mnist/rows/benchmark/`._\n")
+        kept = len(list((root / "results/mnist/rows/benchmark").glob("*.json")))
+        return ("_results/mnist/benchmark.json not written yet (`make run-all NOTEBOOKS=benchmark`): the full run has "
+                f"not finished; {kept} cached row{'' if kept == 1 else 's'} (methods and the pretrained models' "
+                "relearning references) in `results/mnist/rows/benchmark/`, which it resumes from._\n")
     ev, t = d["evaluation"], d["target"]
     out = ["| model | data | entry | classes | mean PUL % | forget share after | u-FID (x) | confident after | "
            "relearning (x pretrained's) | steps | s | at target |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -297,8 +298,8 @@ def benchmark(root: Path) -> str:
         f"{d['written']}.\n")
 
 
-TABLES = {"benchmark": benchmark, "duality": duality, "constrained": constrained, "data": data, "evaluation": evaluation, "vdu": vdu_classes,
-          "posteriors": posteriors}
+TABLES = {"benchmark": benchmark, "duality": duality, "constrained": constrained, "data": data, "evaluation": evaluation,
+          "vdu": vdu_classes, "posteriors": posteriors}
 
 
 def render(text: str, root: Path = REPO) -> str:
