@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model_dir")
     p.add_argument("--evaluator", required=True)
     p.add_argument("--n", type=_int_at_least(2), default=1000, help="samples to evaluate (>= 2: FID needs two)")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm"],
+    from .diffusion import SAMPLERS
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS,
                    help="how the card's samples are drawn: ddim (eta 0), ddpm (ancestral) or dpm (DPM-Solver++)")
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="sampler steps for the samples")
     p.add_argument("--nll-images", type=_int_at_least(1), default=256)
