@@ -334,9 +334,11 @@ for s in summary:
 pareto_rows = []
 for name, values in pareto.items():
     kind = "uncond" if "uncond" in entries[name]["models"] else entries[name]["models"][0]
+    own = {**loop, **entries[name]}["stop_forget_ratio"]      # the value the table's row already ran with
     for v in values:
-        r, _ = run(name, kind, first_class, stop_forget_ratio=v)
-        r = {**with_attack(r), "stop_forget_ratio": v}
+        r = next(r for r in table if (r["config"], r["model"], r["forget_class"]) == (name, kind, first_class)) \
+            if v == own else with_attack(run(name, kind, first_class, stop_forget_ratio=v)[0])
+        r = {**r, "stop_forget_ratio": v}
         pareto_rows.append(r)
         show(r)
 if pareto_rows:

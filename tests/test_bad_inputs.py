@@ -296,6 +296,10 @@ CLI_ROWS = [
     (["pretrain", "--max-train", "3"], r"argument --max-train: max_train must be None .* >= batch_size \(64\)"),
     (["pretrain", "--dataset", "imagenet"], r"argument --dataset: dataset must be one of"),
     (["pretrain", "--batch-size", "abc"], r"argument --batch-size: must be an integer, got 'abc'"),
+    (["pretrain", "--model-overrides", "[32]"], r"argument --model-overrides: must be a JSON object"),
+    (["pretrain", "--model-overrides", "{channels: 3}"], r"argument --model-overrides: must be a JSON object, got"),
+    (["pretrain", "--model-overrides", '{"widths": [32]}'], r"argument --model-overrides: model_overrides must be "
+                                                              r"UNet2DModel keyword arguments; unknown: \['widths'\]"),
     (["card", "model", "--evaluator", "ev", "--n", "0"], r"argument --n: must be an integer >= 2, got 0"),
     (["card", "model", "--evaluator", "ev", "--steps", "0"], r"argument --steps: must be an integer >= 1, got 0"),
     (["card", "model", "--evaluator", "ev", "--nll-images", "-1"], r"argument --nll-images: must be an integer >= 1"),

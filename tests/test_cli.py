@@ -92,3 +92,16 @@ def test_card_records_the_sampler_it_measured_with(tiny_folder, capsys, monkeypa
     with pytest.raises(SystemExit) as e:
         main(["card", str(tiny_folder), "--evaluator", ev, "--sampler", "euler"])
     assert e.value.code == 2
+
+
+def test_pretrain_takes_the_unet_architecture_as_json(tmp_path, monkeypatch, capsys):
+    """--model-overrides reaches the training config (and so the UNet that is built) as the dict it spells."""
+    import vdu.training
+    from conftest import TINY
+    seen = {}
+    monkeypatch.setattr(vdu.training, "pretrain", lambda cfg, **kw: seen.setdefault("cfg", cfg) and tmp_path)
+    overrides = json.loads(json.dumps(TINY))          # lists, as JSON spells them
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "--model-overrides", json.dumps(overrides)]) == 0
+    assert seen["cfg"].model_overrides == overrides
+    unet = vdu.training.build_unet("mnist", **seen["cfg"].model_overrides)
+    assert tuple(unet.config.block_out_channels) == (8, 16)

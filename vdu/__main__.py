@@ -30,9 +30,21 @@ def _add_config_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
     """One flag per field of the dataclass ``cls`` (its comment as help); ``X | None`` fields take "none"."""
     helps = _field_help(cls)
     for f in dataclasses.fields(cls):
-        if f.type in ("dict",) or f.name == "model_overrides" or f.name in skip:
+        if f.name in skip:
             continue
         flag, default = f"--{f.name.replace('_', '-')}", f.default
+        if f.type == "dict":        # a JSON object, e.g. --model-overrides '{"layers_per_block": 1}'
+            def parse_json(text, name=f.name):
+                try:
+                    value = json.loads(text)
+                except ValueError as e:
+                    raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r} ({e})") from None
+                if not isinstance(value, dict):
+                    raise argparse.ArgumentTypeError(f"must be a JSON object ({{...}}), got {text!r}")
+                return value
+            p.add_argument(flag, type=parse_json, default={},
+                           help=(helps.get(f.name, "") + " (a JSON object; default: {})").replace("%", "%%"))
+            continue
         doc = (helps.get(f.name, "") + f" (default: {default})").replace("%", "%%")
         if f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(f.name, "").replace("%", "%%"))

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -135,6 +136,11 @@ class TrainConfig:
             bad("mixed_precision", '"no" or "bf16"')
         if not isinstance(self.model_overrides, dict):
             bad("model_overrides", "a dict of UNet2DModel keyword arguments")
+        import inspect
+        known = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+        if set(self.model_overrides) - known:
+            bad("model_overrides", f"UNet2DModel keyword arguments; unknown: {sorted(set(self.model_overrides) - known)} "
+                                   f"(e.g. block_out_channels, layers_per_block, down_block_types)")
         return self
 
     def snapshot_steps(self) -> list[int]:
