@@ -94,7 +94,7 @@ def test_card_records_the_sampler_it_measured_with(tiny_folder, capsys, monkeypa
     assert e.value.code == 2
 
 
-def test_pretrain_takes_the_unet_architecture_as_json(tmp_path, monkeypatch, capsys):
+def test_pretrain_takes_the_unet_architecture_as_json(tmp_path, monkeypatch):
     """--model-overrides reaches the training config (and so the UNet that is built) as the dict it spells."""
     import vdu.training
     from conftest import TINY

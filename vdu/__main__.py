@@ -34,7 +34,7 @@ def _add_config_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
             continue
         flag, default = f"--{f.name.replace('_', '-')}", f.default
         if f.type == "dict":        # a JSON object, e.g. --model-overrides '{"layers_per_block": 1}'
-            def parse_json(text, name=f.name):
+            def parse_json(text):
                 try:
                     value = json.loads(text)
                 except ValueError as e:

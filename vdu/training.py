@@ -16,6 +16,7 @@ them, and the others would make the run a mix of two configs.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -136,7 +137,6 @@ class TrainConfig:
             bad("mixed_precision", '"no" or "bf16"')
         if not isinstance(self.model_overrides, dict):
             bad("model_overrides", "a dict of UNet2DModel keyword arguments")
-        import inspect
         known = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
         if set(self.model_overrides) - known:
             bad("model_overrides", f"UNet2DModel keyword arguments; unknown: {sorted(set(self.model_overrides) - known)} "
