@@ -272,13 +272,64 @@ def posteriors(root: Path) -> str:
                              f"Notebook {d['wall_time_s'] / 60:.0f} min, written {d['written']}.\n")
 
 
+def _benchmark_cached(folder: Path) -> str:
+    """The rows an unfinished full run has kept so far (``vdu.results.RowCache`` files), classes 1, 8 and 0 side
+    by side: PUL [95% interval] and u-FID ratio per cell, and the relearning ratio over the classes shown."""
+    rows, refs, damaged = [], {}, 0
+    for f in sorted(folder.glob("*.json")):
+        try:
+            d = json.loads(f.read_text())
+            spec, row = d["spec"], d["row"]
+            if spec["entry"] == "pretrained-relearn":
+                refs[spec["kind"], spec["c"]] = row["forget_share"]
+            else:
+                rows.append((spec, row, d.get("commit")))
+        except (ValueError, KeyError, TypeError):
+            damaged += 1
+    groups: dict = {}
+    for spec, row, _ in rows:
+        ratio = spec["extra"].get("stop_forget_ratio", spec["entry"].get("stop_forget_ratio",
+                                                                        spec["loop"]["stop_forget_ratio"]))
+        groups.setdefault((spec["kind"], row["data"], row["config"], ratio), {})[spec["c"]] = row
+    shown = (1, 8, 0)
+    out = ["| model | data | entry | stop ratio | class 1 | class 8 | class 0 | relearning (x pretrained's) |",
+           "|---|---|---|---|---|---|---|---|"]
+    order = {"uncond": 0, "cond": 1}
+    for (kind, data, entry, ratio), by_c in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 2), g[0][1:])):
+        cells, rel = [], []
+        for c in shown:
+            r = by_c.get(c)
+            if r is None:
+                cells.append("—")
+                continue
+            ci = r.get("pul_ci")
+            cells.append(f"{r['pul']:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "") + f", {r['u_fid_ratio']:.2f}x")
+            ref = refs.get((kind, c))
+            if r.get("relearn_forget_share") is not None and ref:
+                rel.append(r["relearn_forget_share"] / ref)
+        rel_s = f"{min(rel):.2f}–{max(rel):.2f}" if len(rel) > 1 else (f"{rel[0]:.2f}" if rel else "—")
+        out.append(f"| {kind} | {data} | `{entry}` | {ratio:g} | " + " | ".join(cells) + f" | {rel_s} |")
+    others = sum(1 for spec, _, _ in rows if spec["c"] not in shown)
+    commits = sorted({c for _, _, c in rows if c})
+    return "\n".join(out) + (
+        f"\n\n_Cached rows of the unfinished full run (`results/mnist/benchmark.json` not written yet; "
+        f"`make run-all NOTEBOOKS=benchmark` resumes from `results/mnist/rows/benchmark/`): {len(rows)} method rows "
+        f"and {len(refs)} relearning references; {others} more rows of other classes are kept but not shown"
+        + (f"; {damaged} unreadable files skipped" if damaged else "") + ". Each cell: PUL % [95% paired-bootstrap "
+        f"interval], u-FID ratio to the pretrained model. Computed at commit{'s' if len(commits) > 1 else ''} "
+        f"{', '.join(commits) or 'unknown'}; a row's key includes the digest of the method and evaluation code, so "
+        f"the full run reuses only rows of its own code. The class means and the at-target count come with the "
+        f"full run._\n")
+
+
 def benchmark(root: Path) -> str:
     d = _load("results/mnist/benchmark.json", root)
     if d is None:
-        kept = len(list((root / "results/mnist/rows/benchmark").glob("*.json")))
-        return ("_results/mnist/benchmark.json not written yet (`make run-all NOTEBOOKS=benchmark`): the full run has "
-                f"not finished; {kept} cached row{'' if kept == 1 else 's'} (methods and the pretrained models' "
-                "relearning references) in `results/mnist/rows/benchmark/`, which it resumes from._\n")
+        folder = root / "results/mnist/rows/benchmark"
+        if not folder.is_dir() or not any(folder.glob("*.json")):
+            return ("_results/mnist/benchmark.json not written yet (`make run-all NOTEBOOKS=benchmark`): no rows "
+                    "cached either._\n")
+        return _benchmark_cached(folder)
     ev, t = d["evaluation"], d["target"]
     out = ["| model | data | entry | classes | mean PUL % | forget share after | u-FID (x) | confident after | "
            "relearning (x pretrained's) | steps | s | at target |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
