@@ -72,7 +72,8 @@ def test_the_benchmark_table_reads_the_notebooks_results(tmp_path):
     loop = dict(stop_forget_ratio=1.3)
     (rows / "ref.json").write_text(json.dumps(dict(spec=dict(entry="pretrained-relearn", kind="uncond", c=1),
                                                     row=dict(forget_share=0.5))))
-    for c, extra, pul in [(1, {}, 96.25), (8, {}, 90.0), (1, dict(stop_forget_ratio=2.0), 99.0)]:
+    for c, extra, pul in [(1, {}, 96.25), (8, {}, 90.0), (1, dict(stop_forget_ratio=2.0), 99.0), (3, {}, 80.0),
+                          (5, {}, 70.0)]:
         (rows / f"{c}-{len(extra)}.json").write_text(json.dumps(dict(
             spec=dict(entry=dict(method="neggrad"), kind="uncond", c=c, extra=extra, loop=loop), commit="abc1234",
             row=dict(config="neggrad", data="forget-only", pul=pul, pul_ci=[pul - 5, 100.0], u_fid_ratio=1.04,
@@ -80,10 +81,10 @@ def test_the_benchmark_table_reads_the_notebooks_results(tmp_path):
     (rows / "damaged.json").write_text("{")
     report.main(readme=readme, root=tmp_path)
     text = readme.read_text()
-    assert "| uncond | forget-only | `neggrad` | 1.3 | 96.2 [91.2, 100.0], 1.04x | 90.0 [85.0, 100.0], 1.04x | — | 0.50 |" \
-        in text, text
-    assert "| `neggrad` | 2 | 99.0 [94.0, 100.0], 1.04x | — | — | 0.50 |" in text, text
-    assert "3 method rows and 1 relearning references" in text and "1 unreadable files skipped" in text
+    assert ("| uncond | forget-only | `neggrad` | 1.3 | 96.2 [91.2, 100.0], 1.04x | 90.0 [85.0, 100.0], 1.04x | — | "
+            "75.0 (2: 70.0 to 80.0) | 0.50 |") in text, text
+    assert "| `neggrad` | 2 | 99.0 [94.0, 100.0], 1.04x | — | — | — | 0.50 |" in text, text
+    assert "5 method rows and 1 relearning references" in text and "1 unreadable files skipped" in text
     assert "not written yet" in text
     s = dict(model="uncond", data="forget-only", entry="vdu-function", method="vdu", classes=3, pul=97.5,
              forget_share=0.002, u_fid_ratio=1.1, confident=0.58, confident_before=0.59, steps=40.0, unlearn_s=95.0,

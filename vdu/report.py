@@ -292,8 +292,8 @@ def _benchmark_cached(folder: Path) -> str:
                                                                         spec["loop"]["stop_forget_ratio"]))
         groups.setdefault((spec["kind"], row["data"], row["config"], ratio), {})[spec["c"]] = row
     shown = (1, 8, 0)
-    out = ["| model | data | entry | stop ratio | class 1 | class 8 | class 0 | relearning (x pretrained's) |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| model | data | entry | stop ratio | class 1 | class 8 | class 0 | other classes: mean PUL (n: range) | "
+           "relearning, classes 1, 8, 0 (x pretrained's) |", "|---|---|---|---|---|---|---|---|---|"]
     order = {"uncond": 0, "cond": 1}
     for (kind, data, entry, ratio), by_c in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 2), g[0][1:])):
         cells, rel = [], []
@@ -307,14 +307,15 @@ def _benchmark_cached(folder: Path) -> str:
             ref = refs.get((kind, c))
             if r.get("relearn_forget_share") is not None and ref:
                 rel.append(r["relearn_forget_share"] / ref)
+        more = [r["pul"] for c, r in sorted(by_c.items()) if c not in shown]
+        cells.append(f"{sum(more) / len(more):.1f} ({len(more)}: {min(more):.1f} to {max(more):.1f})" if more else "—")
         rel_s = f"{min(rel):.2f}–{max(rel):.2f}" if len(rel) > 1 else (f"{rel[0]:.2f}" if rel else "—")
         out.append(f"| {kind} | {data} | `{entry}` | {ratio:g} | " + " | ".join(cells) + f" | {rel_s} |")
-    others = sum(1 for spec, _, _ in rows if spec["c"] not in shown)
     commits = sorted({c for _, _, c in rows if c})
     return "\n".join(out) + (
         f"\n\n_Cached rows of the unfinished full run (`results/mnist/benchmark.json` not written yet; "
         f"`make run-all NOTEBOOKS=benchmark` resumes from `results/mnist/rows/benchmark/`): {len(rows)} method rows "
-        f"and {len(refs)} relearning references; {others} more rows of other classes are kept but not shown"
+        f"and {len(refs)} relearning references"
         + (f"; {damaged} unreadable files skipped" if damaged else "") + ". Each cell: PUL % [95% paired-bootstrap "
         f"interval], u-FID ratio to the pretrained model. Computed at commit{'s' if len(commits) > 1 else ''} "
         f"{', '.join(commits) or 'unknown'}; a row's key includes the digest of the method and evaluation code, so "
