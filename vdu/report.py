@@ -302,8 +302,7 @@ def _benchmark_cached(folder: Path) -> str:
             if r is None:
                 cells.append("—")
                 continue
-            ci = r.get("pul_ci")
-            cells.append(f"{r['pul']:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "") + f", {r['u_fid_ratio']:.2f}x")
+            cells.append(f"{_ci(r['pul'], r.get('pul_ci'), '{:.1f}')}, {r['u_fid_ratio']:.2f}x")
             ref = refs.get((kind, c))
             if r.get("relearn_forget_share") is not None and ref:
                 rel.append(r["relearn_forget_share"] / ref)
@@ -312,12 +311,16 @@ def _benchmark_cached(folder: Path) -> str:
         rel_s = f"{min(rel):.2f}–{max(rel):.2f}" if len(rel) > 1 else (f"{rel[0]:.2f}" if rel else "—")
         out.append(f"| {kind} | {data} | `{entry}` | {ratio:g} | " + " | ".join(cells) + f" | {rel_s} |")
     commits = sorted({c for _, _, c in rows if c})
+    samples = sorted({r["n_samples"] for _, r, _ in rows if r.get("n_samples")})
     return "\n".join(out) + (
         f"\n\n_Cached rows of the unfinished full run (`results/mnist/benchmark.json` not written yet; "
         f"`make run-all NOTEBOOKS=benchmark` resumes from `results/mnist/rows/benchmark/`): {len(rows)} method rows "
         f"and {len(refs)} relearning references"
         + (f"; {damaged} unreadable files skipped" if damaged else "") + ". Each cell: PUL % [95% paired-bootstrap "
-        f"interval], u-FID ratio to the pretrained model. Computed at commit{'s' if len(commits) > 1 else ''} "
+        f"interval], u-FID ratio to the pretrained model"
+        + (f"; {' / '.join(f'{n:,}' for n in samples)} samples per model" if samples else "")
+        + " (sampler and seed bank of `notebooks/params/benchmark-full.yaml`). "
+        f"Computed at commit{'s' if len(commits) > 1 else ''} "
         f"{', '.join(commits) or 'unknown'}; a row's key includes the digest of the method and evaluation code, so "
         f"the full run reuses only rows of its own code. The class means and the at-target count come with the "
         f"full run._\n")
