@@ -272,9 +272,36 @@ def posteriors(root: Path) -> str:
                              f"Notebook {d['wall_time_s'] / 60:.0f} min, written {d['written']}.\n")
 
 
+def _per_class(items) -> str:
+    """Benchmark rows grouped by (model, data, entry, stop ratio), classes 1, 8 and 0 side by side: PUL [95%
+    interval] and u-FID ratio per cell, the other classes' mean, and the relearning ratio over the classes shown.
+    ``items``: (model, data, entry, stop ratio, class, row, relearning ratio or None)."""
+    groups: dict = {}
+    for kind, data, entry, ratio, c, row, rel in items:
+        groups.setdefault((kind, data, entry, ratio), {})[c] = (row, rel)
+    shown = (1, 8, 0)
+    out = ["| model | data | entry | stop ratio | class 1 | class 8 | class 0 | other classes: mean PUL (n: range) | "
+           "relearning, classes 1, 8, 0 (x pretrained's) |", "|---|---|---|---|---|---|---|---|---|"]
+    order = {"uncond": 0, "cond": 1}
+    for (kind, data, entry, ratio), by_c in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 2), g[0][1:])):
+        cells, rels = [], []
+        for c in shown:
+            if c not in by_c:
+                cells.append("—")
+                continue
+            r, rel = by_c[c]
+            cells.append(f"{_ci(r['pul'], r.get('pul_ci'), '{:.1f}')}, {r['u_fid_ratio']:.2f}x")
+            if rel is not None:
+                rels.append(rel)
+        more = [r["pul"] for c, (r, _) in sorted(by_c.items()) if c not in shown]
+        cells.append(f"{sum(more) / len(more):.1f} ({len(more)}: {min(more):.1f} to {max(more):.1f})" if more else "—")
+        rel_s = f"{min(rels):.2f}–{max(rels):.2f}" if len(rels) > 1 else (f"{rels[0]:.2f}" if rels else "—")
+        out.append(f"| {kind} | {data} | `{entry}` | {ratio:g} | " + " | ".join(cells) + f" | {rel_s} |")
+    return "\n".join(out)
+
+
 def _benchmark_cached(folder: Path) -> str:
-    """The rows an unfinished full run has kept so far (``vdu.results.RowCache`` files), classes 1, 8 and 0 side
-    by side: PUL [95% interval] and u-FID ratio per cell, and the relearning ratio over the classes shown."""
+    """The rows an unfinished full run has kept so far (``vdu.results.RowCache`` files), as :func:`_per_class`."""
     rows, refs, damaged = [], {}, 0
     for f in sorted(folder.glob("*.json")):
         try:
@@ -286,30 +313,14 @@ def _benchmark_cached(folder: Path) -> str:
                 rows.append((spec, row, d.get("commit")))
         except (ValueError, KeyError, TypeError):
             damaged += 1
-    groups: dict = {}
+    items = []
     for spec, row, _ in rows:
         ratio = spec["extra"].get("stop_forget_ratio", spec["entry"].get("stop_forget_ratio",
                                                                         spec["loop"]["stop_forget_ratio"]))
-        groups.setdefault((spec["kind"], row["data"], row["config"], ratio), {})[spec["c"]] = row
-    shown = (1, 8, 0)
-    out = ["| model | data | entry | stop ratio | class 1 | class 8 | class 0 | other classes: mean PUL (n: range) | "
-           "relearning, classes 1, 8, 0 (x pretrained's) |", "|---|---|---|---|---|---|---|---|---|"]
-    order = {"uncond": 0, "cond": 1}
-    for (kind, data, entry, ratio), by_c in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 2), g[0][1:])):
-        cells, rel = [], []
-        for c in shown:
-            r = by_c.get(c)
-            if r is None:
-                cells.append("—")
-                continue
-            cells.append(f"{_ci(r['pul'], r.get('pul_ci'), '{:.1f}')}, {r['u_fid_ratio']:.2f}x")
-            ref = refs.get((kind, c))
-            if r.get("relearn_forget_share") is not None and ref:
-                rel.append(r["relearn_forget_share"] / ref)
-        more = [r["pul"] for c, r in sorted(by_c.items()) if c not in shown]
-        cells.append(f"{sum(more) / len(more):.1f} ({len(more)}: {min(more):.1f} to {max(more):.1f})" if more else "—")
-        rel_s = f"{min(rel):.2f}–{max(rel):.2f}" if len(rel) > 1 else (f"{rel[0]:.2f}" if rel else "—")
-        out.append(f"| {kind} | {data} | `{entry}` | {ratio:g} | " + " | ".join(cells) + f" | {rel_s} |")
+        ref = refs.get((spec["kind"], spec["c"]))
+        rel = row["relearn_forget_share"] / ref if row.get("relearn_forget_share") is not None and ref else None
+        items.append((spec["kind"], row["data"], row["config"], ratio, spec["c"], row, rel))
+    out = [_per_class(items)]
     commits = sorted({c for _, _, c in rows if c})
     samples = sorted({r["n_samples"] for _, r, _ in rows if r.get("n_samples")})
     return "\n".join(out) + (
@@ -343,7 +354,13 @@ def benchmark(root: Path) -> str:
                    f"{s['forget_share']:.3f} | {s['u_fid_ratio']:.2f} | {s['confident']:.2f} (before "
                    f"{s['confident_before']:.2f}) | {rel} | {s['steps']:.0f} | {s['unlearn_s']:.0f} | "
                    f"{s['at_target']} / {s['classes']} |")
+    items = []
+    for r in d["rows"] + d.get("pareto", []):
+        ratio = r.get("stop_forget_ratio", {**d["loop"], **d["entries"][r["config"]]}["stop_forget_ratio"])
+        items.append((r["model"], r["data"], r["config"], ratio, r["forget_class"], r, r.get("relearn_vs_pretrained")))
     return "\n".join(out) + (
+        "\n\nPer class and strength (stop ratio), each cell PUL % [95% paired-bootstrap interval], u-FID ratio:\n\n"
+        + _per_class(items) +
         f"\n\nMeans over the classes each entry ran; every row with its 95% intervals is in the results file. "
         f"{ev['samples']:,} samples per model ({ev['sampler']}, seed bank {ev['seed_bank']}). At target: rows whose "
         f"whole interval meets PUL >= {t['pul']:g}% and u-FID <= {t['u_fid_ratio']:g}x. Relearning: the forget share "
