@@ -90,19 +90,23 @@ def test_the_benchmark_table_reads_the_notebooks_results(tmp_path):
              forget_share=0.002, u_fid_ratio=1.1, confident=0.58, confident_before=0.59, steps=40.0, unlearn_s=95.0,
              relearn=0.4, at_target=2)
     r = dict(model="uncond", data="forget-only", config="neggrad", forget_class=1, pul=96.25, pul_ci=[91.25, 100.0],
-             u_fid_ratio=1.04, relearn_vs_pretrained=0.5)
+             u_fid_ratio=1.04, relearn_vs_pretrained=0.5, forget_nll_before=1.0, retain_nll_before=2.0)
     (tmp_path / "results" / "mnist" / "benchmark.json").write_text(json.dumps(dict(
         rows=[r, dict(r, forget_class=0, pul=-10.0, pul_ci=None, u_fid_ratio=5.0, relearn_vs_pretrained=1.25)],
         pareto=[dict(r, stop_forget_ratio=1.3), dict(r, stop_forget_ratio=2.0, pul=99.0, pul_ci=None)],
         loop=loop, entries=dict(neggrad=dict(method="neggrad")),
-        summary=[s, dict(s, entry="neggrad", relearn=None)], target=dict(pul=95.0, u_fid_ratio=1.2),
+        summary=[dict(s, forget_nll_after=1.5, retain_nll_after=1.25), dict(s, entry="neggrad", relearn=None)],
+        target=dict(pul=95.0, u_fid_ratio=1.2),
         evaluation=dict(samples=1200, sampler="DDIM 20", seed_bank=0), relearn=dict(images=16, steps=50),
         machine="m", notebook_wall_s=600.0, rows_from_cache=5, written="now")))
     report.main(readme=readme, root=tmp_path)
     text = readme.read_text()
-    row = "| uncond | forget-only | `vdu-function` | 3 | 97.5 | 0.002 | 1.10 | 0.58 (before 0.59) | 0.40 | 40 | 95 | 2 / 3 |"
+    row = ("| uncond | forget-only | `vdu-function` | 3 | 97.5 | 0.002 | 1.10 | 0.58 (before 0.59) | 1.500 / 1.250 | 0.40 | "
+           "40 | 95 | 2 / 3 |")
     assert row in text, text
     assert "| — |" in text and "1,200 samples per model (DDIM 20" in text and "5 rows from earlier sessions" in text
     assert ("| uncond | forget-only | `neggrad` | 1.3 | 96.2 [91.2, 100.0], 1.04x | — | -10.0, 5.00x | — | "
             "0.50–1.25 |") in text, text                     # the Pareto row at the entry's own ratio is the same row
     assert "| uncond | forget-only | `neggrad` | 2 | 99.0, 1.04x | — | — | — | 0.50 |" in text, text
+    assert "| 0.58 (before 0.59) | — | — | 40 |" in text, text          # no NLL, no relearning: dashes
+    assert "mean over its classes: uncond 1.000 / 2.000)" in text, text

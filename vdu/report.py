@@ -347,13 +347,22 @@ def benchmark(root: Path) -> str:
         return _benchmark_cached(folder)
     ev, t = d["evaluation"], d["target"]
     out = ["| model | data | entry | classes | mean PUL % | forget share after | u-FID (x) | confident after | "
-           "relearning (x pretrained's) | steps | s | at target |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "forget / retain NLL after (bits/dim) | relearning (x pretrained's) | steps | s | at target |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in d["summary"]:
         rel = "—" if s.get("relearn") is None else f"{s['relearn']:.2f}"
+        nll = (f"{s['forget_nll_after']:.3f} / {s['retain_nll_after']:.3f}"
+               if s.get("forget_nll_after") is not None and s.get("retain_nll_after") is not None else "—")
         out.append(f"| {s['model']} | {s['data']} | `{s['entry']}` | {s['classes']} | {s['pul']:.1f} | "
                    f"{s['forget_share']:.3f} | {s['u_fid_ratio']:.2f} | {s['confident']:.2f} (before "
-                   f"{s['confident_before']:.2f}) | {rel} | {s['steps']:.0f} | {s['unlearn_s']:.0f} | "
+                   f"{s['confident_before']:.2f}) | {nll} | {rel} | {s['steps']:.0f} | {s['unlearn_s']:.0f} | "
                    f"{s['at_target']} / {s['classes']} |")
+    before = {}                   # the pretrained model's NLL on the same images, mean over the classes it ran
+    for r in d["rows"]:
+        if r.get("forget_nll_before") is not None and r.get("retain_nll_before") is not None:
+            before.setdefault(r["model"], {})[r["forget_class"]] = (r["forget_nll_before"], r["retain_nll_before"])
+    nll_before = "; ".join(f"{k} {sum(f for f, _ in v.values()) / len(v):.3f} / {sum(g for _, g in v.values()) / len(v):.3f}"
+                           for k, v in before.items())
     items = []
     for r in d["rows"] + d.get("pareto", []):
         ratio = r.get("stop_forget_ratio", {**d["loop"], **d["entries"][r["config"]]}["stop_forget_ratio"])
@@ -361,8 +370,10 @@ def benchmark(root: Path) -> str:
     return "\n".join(out) + (
         "\n\nPer class and strength (stop ratio), each cell PUL % [95% paired-bootstrap interval], u-FID ratio:\n\n"
         + _per_class(items) +
-        f"\n\nMeans over the classes each entry ran; every row with its 95% intervals is in the results file. "
-        f"{ev['samples']:,} samples per model ({ev['sampler']}, seed bank {ev['seed_bank']}). At target: rows whose "
+        "\n\nMeans over the classes each entry ran; every row with its 95% intervals is in the results file. "
+        + (f"NLL: the bound in bits/dim on held-out forget / retain images (pretrained model, mean over its classes: "
+           f"{nll_before}). " if nll_before else "")
+        + f"{ev['samples']:,} samples per model ({ev['sampler']}, seed bank {ev['seed_bank']}). At target: rows whose "
         f"whole interval meets PUL >= {t['pul']:g}% and u-FID <= {t['u_fid_ratio']:g}x. Relearning: the forget share "
         f"after fine-tuning on {d['relearn']['images']} forget images for {d['relearn']['steps']} steps, over the "
         f"pretrained model's after the same attack (1: no resistance). {d['machine']}, notebook "
