@@ -1,10 +1,11 @@
 """The committed MNIST artifacts load and behave (the numbers themselves live in their cards)."""
 import json
 
+import pytest
 import torch
 
 from conftest import CKPT
-from vdu.cards import quality_bar
+from vdu.cards import confident_min_for, quality_bar, wilson
 from vdu.metrics import class_histogram
 from vdu.models import load_model, null_class
 from vdu.posterior import load_posterior
@@ -57,6 +58,34 @@ def test_quality_bar_rule():
     assert not quality_bar({**h, "shares": [0.2] + [0.8 / 9] * 9})["met"]
 
 
+def test_other_datasets_bar_is_half_the_evaluators_share_on_real_images(tmp_path):
+    assert confident_min_for("mnist", None)[0] == 0.9
+    for ds in ("cifar10", "tinyimagenet"):
+        ev = CKPT.parent / ds / "evaluator"
+        real = json.loads((ev / "card.json").read_text())["confident_share_test"]
+        lo, why = confident_min_for(ds, ev)
+        assert lo == real / 2 and f"{real:.1%}" in why
+        h = {"confident_share": lo + 0.01, "shares": [0.1] * 10, "threshold": 0.9}
+        assert quality_bar(h, lo)["met"] and not quality_bar({**h, "confident_share": lo - 0.01}, lo)["met"]
+    with pytest.raises(FileNotFoundError, match="card.json is missing"):
+        confident_min_for("cifar10", tmp_path)
+    with pytest.raises(ValueError, match="pass the evaluator folder"):
+        confident_min_for("cifar10", None)
+    (tmp_path / "card.json").write_text(json.dumps({"test_accuracy": 0.7}))
+    with pytest.raises(ValueError, match="no confident_share_test"):
+        confident_min_for("cifar10", tmp_path)
+
+
+def test_wilson_interval():
+    assert wilson(50, 100) == [0.4038, 0.5962]          # the textbook value
+    assert wilson(0, 100)[0] == 0 and wilson(100, 100)[1] == 1
+    for k, n in ((5, 4), (-1, 4), (1.5, 4), (0, 0)):
+        with pytest.raises(ValueError, match="whole counts"):
+            wilson(k, n)
+    lo, hi = wilson(841, 1000)
+    assert lo < 0.841 < hi and hi - lo < 0.05
+
+
 def test_second_evaluator_is_accurate_and_independent_of_the_first(evaluator, mnist_test):
     from vdu.evaluator import load_evaluator
     second = load_evaluator(CKPT / "evaluator-lenet")
@@ -66,3 +95,18 @@ def test_second_evaluator_is_accurate_and_independent_of_the_first(evaluator, mn
     p1, _ = evaluator.predict(x)
     p2, _ = second.predict(x)
     assert (p2 == y).float().mean() >= 0.98 and (p1 == p2).float().mean() >= 0.97
+
+
+@pytest.mark.parametrize("ds", ["cifar10", "tinyimagenet"])
+def test_other_datasets_base_models_sample_and_record_how_they_were_made(ds):
+    folder = CKPT.parent / ds / "ddpm"
+    card = json.loads((folder / "card.json").read_text())
+    assert card["command"].startswith(f"python -m vdu pretrain --dataset {ds}") and "--model-overrides" in card["command"]
+    assert card["train_steps"] > 0 and card["train_wall_s"] > 0 and card["card_machine"].startswith("CPU")
+    bar = card["metrics"]["quality_bar"]
+    assert bar["confident_min"] == pytest.approx(confident_min_for(ds, CKPT.parent / ds / "evaluator")[0], abs=1e-4)
+    assert card["metrics"]["bits_per_dim"]["mean"] < 6      # far below uniform noise (8 bits/dim): a trained model
+    assert (folder / "samples.png").stat().st_size > 1000
+    unet, sched = load_model(folder)
+    x = sample(unet, sched, 2, seed=0, steps=3, progress=False)
+    assert x.shape == (2, 3, 32, 32) and torch.isfinite(x).all()

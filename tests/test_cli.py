@@ -105,3 +105,20 @@ def test_pretrain_takes_the_unet_architecture_as_json(tmp_path, monkeypatch):
     assert seen["cfg"].model_overrides == overrides
     unet = vdu.training.build_unet("mnist", **seen["cfg"].model_overrides)
     assert tuple(unet.config.block_out_channels) == (8, 16)
+
+
+def test_a_cards_pretrain_command_reproduces_the_config(tmp_path, monkeypatch):
+    """TrainConfig.command() (the card's `command`) parsed by the CLI gives back the same config, model
+    overrides (the architecture) included."""
+    import shlex
+    import vdu.training
+    from vdu.training import TrainConfig
+    cfg = TrainConfig(dataset="cifar10", steps=14000, lr=5e-4, seed=3, out=str(tmp_path / "run dir"),
+                      model_overrides={"block_out_channels": [32, 64, 128], "layers_per_block": 1,
+                                       "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"]})
+    got = []
+    monkeypatch.setattr(vdu.training, "pretrain", lambda c, **kw: got.append(c))
+    argv = shlex.split(cfg.command())
+    assert argv[:3] == ["python", "-m", "vdu"]
+    main(argv[3:])
+    assert got == [cfg]

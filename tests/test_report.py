@@ -110,3 +110,29 @@ def test_the_benchmark_table_reads_the_notebooks_results(tmp_path):
     assert "| uncond | forget-only | `neggrad` | 2 | 99.0, 1.04x | — | — | — | 0.50 |" in text, text
     assert "| 0.58 (before 0.59) | — | — | 40 |" in text, text          # no NLL, no relearning: dashes
     assert "mean over its classes: uncond 1.000 / 2.000)" in text, text
+
+
+def test_base_model_table_reads_the_cards(tmp_path):
+    assert "No base models for cifar10 or tinyimagenet" in report.base_models(tmp_path)
+    folder = tmp_path / "checkpoints" / "cifar10" / "ddpm"
+    folder.mkdir(parents=True)
+    card = {"train_steps": 3000, "train_finished": False, "train_wall_s": 7200.0, "train_device": "cpu",
+            "train_config": {"steps": 14000, "batch_size": 64},
+            "metrics": {"samples": {"n": 1000, "sampler": "DDIM 50 steps, eta 0"}, "confident_share": 0.123,
+                        "confident_share_ci95_wilson": [0.104, 0.145], "class_shares": [0.04] + [0.96 / 9] * 9,
+                        "domain_fid": 41.5, "bits_per_dim": {"mean": 3.9, "sem": 0.02, "images": 256,
+                                                             "t_terms": "stratified, 100"},
+                        "quality_bar": {"confident_share_ok": False, "class_shares_ok": False, "met": False,
+                                        "confident_min": 0.1724,
+                                        "rule": "confident(max p >= 0.9) >= 17.2% (half of ...), every class in [5%, 15%]"}}}
+    (folder / "card.json").write_text(json.dumps(card))
+    table = report.base_models(tmp_path)
+    row = next(l for l in table.splitlines() if "checkpoints/cifar10/ddpm" in l)
+    assert "3,000 x 64 steps of 14,000 planned (unfinished)" in row and "2.00 h (cpu)" in row
+    assert "12.3% [10.4%, 14.5%]" in row and ">= 17.2%" in row and "4.0%-10.7%" in row
+    assert "no (confident_share, class_shares)" in row and "No base model for tinyimagenet yet" in table
+    assert "256 test images, t-terms stratified, 100" in table
+    card.update(train_config=None, train_wall_s=None)          # a folder made without train.json
+    (folder / "card.json").write_text(json.dumps(card))
+    row = next(l for l in report.base_models(tmp_path).splitlines() if "checkpoints/cifar10/ddpm" in l)
+    assert row.startswith("| `checkpoints/cifar10/ddpm` | ? | ? |")

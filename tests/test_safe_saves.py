@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from conftest import CKPT, tiny_unet
 from vdu.models import ModelExistsError, build_scheduler, check_save_target, load_model, save_model
 from vdu.posterior import (fingerprint, gaussian_from_checkpoints, load_posterior, make_posterior,
-                           save_posterior, weights_digest)
+                           recode_posterior, save_posterior, weights_digest)
 
 
 def snapshot(folder: Path) -> dict:
@@ -181,6 +181,81 @@ def test_old_format_posterior_still_loads_with_a_warning(tmp_path):
         assert load_posterior(path, unet)["k"] == 2
     with pytest.raises(ValueError, match="other weights"):
         load_posterior(path, tiny_unet(seed=3))
+
+
+def test_int8_posterior_is_half_the_size_and_within_half_a_step(tmp_path):
+    unet = tiny_unet(seed=0)
+    mean, var, deployed = _post_for(unet)
+    var = {n: v * torch.exp(torch.linspace(-3, 3, v.numel()).reshape(v.shape)) for n, v in var.items()}
+    f16 = save_posterior(tmp_path / "f16.safetensors", mean, var, deployed, k=2, method="test")
+    i8 = save_posterior(tmp_path / "i8.safetensors", mean, var, deployed, k=2, method="test", codec="int8")
+    assert i8.stat().st_size < 0.7 * f16.stat().st_size   # headers weigh on a tiny model; 0.50 on MNIST's
+    post = load_posterior(i8, unet)
+    for n in mean:
+        delta, logvar = mean[n] - deployed[n], var[n].clamp_min(1e-8).log()   # the floor the file applies
+        step = (logvar.max() - logvar.min()) / 255
+        assert (post["var"][n].log() - logvar).abs().max() <= step / 2 + 1e-5
+        assert (post["mean"][n] - mean[n]).abs().max() <= delta.abs().max() / 254 + 1e-6
+    with pytest.raises(ValueError, match="other weights"):
+        load_posterior(i8, tiny_unet(seed=3))
+    recoded = load_posterior(recode_posterior(f16, unet, "int8"), unet)   # float16 -> int8 in place
+    assert abs(f16.stat().st_size - i8.stat().st_size) < 0.02 * i8.stat().st_size   # int8 now (header aside)
+    for n in mean:    # within one step of encoding the float32 statistics directly (float16 rounding first)
+        step = (var[n].clamp_min(1e-8).log().max() - var[n].clamp_min(1e-8).log().min()) / 255
+        assert (recoded["var"][n].log() - post["var"][n].log()).abs().max() <= step + 0.01   # float16 at |x|<32: 0.008
+    with pytest.raises(ValueError, match="codec"):
+        save_posterior(tmp_path / "x.safetensors", mean, var, deployed, k=2, method="test", codec="int4")
+    for n in mean:
+        assert (recoded["mean"][n] - mean[n]).abs().max() <= (mean[n] - deployed[n]).abs().max() / 254 + 2e-6
+
+
+def test_int8_posterior_refuses_bad_statistics_and_mislabelled_files(tmp_path):
+    from safetensors import safe_open
+    unet = tiny_unet(seed=0)
+    mean, var, deployed = _post_for(unet)
+    name = "conv_in.weight"
+    const = {**var, name: torch.full_like(var[name], 3e-6)}             # an all-equal variance decodes exactly
+    post = load_posterior(save_posterior(tmp_path / "c.safetensors", deployed, const, deployed, 2, "t", "int8"), unet)
+    assert torch.allclose(post["var"][name], const[name], rtol=1e-5) and torch.equal(post["mean"][name], deployed[name])
+    for bad in (float("nan"), float("inf")):
+        broken = {**mean, name: mean[name].clone().index_fill_(0, torch.tensor([0]), bad)}
+        for codec in ("float16", "int8"):
+            with pytest.raises(ValueError, match="not finite"):
+                save_posterior(tmp_path / "n.safetensors", broken, var, deployed, 2, "t", codec)
+    path = save_posterior(tmp_path / "i8.safetensors", mean, var, deployed, 2, "t", "int8")
+    with safe_open(path, "pt") as f:
+        meta, flat = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(flat, tmp_path / "nolabel.safetensors", metadata={k: v for k, v in meta.items() if k != "codec"})
+    with pytest.raises(ValueError, match="no statistics for parameter"):   # read as float16: refused, not misread
+        load_posterior(tmp_path / "nolabel.safetensors", unet)
+    save_file({k: v for k, v in flat.items() if not k.startswith("qparams.")}, tmp_path / "noq.safetensors",
+              metadata=meta)
+    with pytest.raises(ValueError, match="corrupt.*qparams"):
+        load_posterior(tmp_path / "noq.safetensors", unet)
+    save_file({**flat, f"delta_i8.{name}": flat[f"delta_i8.{name}"].float()}, tmp_path / "dtype.safetensors",
+              metadata=meta)
+    with pytest.raises(ValueError, match="corrupt.*int8 statistics expected"):
+        load_posterior(tmp_path / "dtype.safetensors", unet)
+    save_file(flat, tmp_path / "future.safetensors", metadata={**meta, "codec": "int4"})
+    with pytest.raises(ValueError, match="codec 'int4'"):
+        load_posterior(tmp_path / "future.safetensors", unet)
+
+
+def test_cli_recodes_a_posterior_only_when_told_how_and_allowed(tmp_path, capsys):
+    from vdu.__main__ import main
+    unet = tiny_unet(seed=0)
+    folder = save_model(unet, build_scheduler(), tmp_path / "m")
+    path = save_posterior(folder / "posterior.safetensors", *_post_for(unet), k=2, method="test")
+    before = path.read_bytes()
+    for argv in (["--recode", "--overwrite"], ["--recode", "--codec", "int8"]):
+        with pytest.raises(SystemExit):
+            main(["posterior", str(folder), *argv])
+        assert path.read_bytes() == before                            # refused: the file is untouched
+    main(["posterior", str(folder), "--recode", "--codec", "int8", "--overwrite"])
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        assert f.metadata()["codec"] == "int8" and "recoded from float16" in f.metadata()["provenance"]
+    assert path.stat().st_size < len(before) and load_posterior(path, unet)["k"] == 2
 
 
 def test_committed_posterior_still_loads():

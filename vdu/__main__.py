@@ -130,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
                         "self: the same on the model's own samples (no data needed)")
     p.add_argument("--continuation-steps", type=_int_at_least(1), default=200)
     p.add_argument("--overwrite", action="store_true", help="replace an existing posterior.safetensors")
+    p.add_argument("--codec", default=None, choices=["float16", "int8"],
+                   help="storage of the statistics: float16 (default), or int8 (one byte per parameter and "
+                        "statistic, half the size)")
+    p.add_argument("--recode", action="store_true",
+                   help="rewrite MODEL_DIR/posterior.safetensors in --codec (needs --codec and --overwrite) "
+                        "instead of making a new one")
     p = sub.add_parser("evaluator", help="train the evaluator classifier of a dataset (vdu.evaluator)")
     p.add_argument("--dataset", default="mnist", choices=sorted(SPECS))
     p.add_argument("--epochs", type=_int_at_least(1), default=3)
@@ -230,8 +236,17 @@ def main(argv: list[str] | None = None) -> int:
         except ModelExistsError as e:
             ap.error(f"{e} (on the command line: --overwrite)")
     elif a.cmd == "posterior":
-        from .posterior import make_posterior
-        print(make_posterior(a.model_dir, a.run_dir, a.k, a.method, a.continuation_steps, overwrite=a.overwrite))
+        from .posterior import make_posterior, recode_posterior
+        if a.recode:
+            from pathlib import Path
+            from .models import load_model
+            if a.codec is None or not a.overwrite:
+                ap.error("--recode rewrites the posterior file in place: name the new encoding with --codec and "
+                         "confirm with --overwrite (float16 -> int8 cannot be undone)")
+            print(recode_posterior(Path(a.model_dir) / "posterior.safetensors", load_model(a.model_dir)[0], a.codec))
+        else:
+            print(make_posterior(a.model_dir, a.run_dir, a.k, a.method, a.continuation_steps, overwrite=a.overwrite,
+                                 codec=a.codec or "float16"))
     elif a.cmd == "evaluator":
         from .evaluator import train_evaluator
         print(json.dumps(train_evaluator(a.dataset, a.out, epochs=a.epochs, seed=a.seed, init=a.init, lr=a.lr,

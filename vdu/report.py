@@ -381,8 +381,42 @@ def benchmark(root: Path) -> str:
         f"{d['written']}.\n")
 
 
+def base_models(root: Path) -> str:
+    """The CIFAR-10 and Tiny ImageNet base DDPMs, from their cards (``checkpoints/<dataset>/ddpm/card.json``)."""
+    out = ["| model | training | train wall (machine) | samples | confident [95%] | bar | class shares "
+           "| domain FID | bits/dim | bar met |", "|---|---|---|---|---|---|---|---|---|---|"]
+    missing, notes = [], set()
+    for ds in ("cifar10", "tinyimagenet"):
+        c = _load(f"checkpoints/{ds}/ddpm/card.json", root)
+        if c is None:
+            missing.append(ds)
+            continue
+        m, cfg = c["metrics"], c.get("train_config") or {}
+        bar, bpd = m["quality_bar"], m["bits_per_dim"]
+        need = bar["confident_min"]
+        steps = f"{c['train_steps']:,} x {cfg['batch_size']} steps" if c.get("train_steps") and cfg else "?"
+        if cfg and not c.get("train_finished", True):
+            steps += f" of {cfg['steps']:,} planned (unfinished)"
+        wall = f"{c['train_wall_s'] / 3600:.2f} h ({c.get('train_device') or '?'})" if c.get("train_wall_s") else "?"
+        ci = m.get("confident_share_ci95_wilson")
+        conf = f"{m['confident_share']:.1%}" + (f" [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else "")
+        shares = m["class_shares"]
+        failed = [k for k in ("confident_share", "class_shares") if not bar[k + "_ok"]]
+        out.append(
+            f"| `checkpoints/{ds}/ddpm` | {steps} | {wall} | {m['samples']['n']:,}, {m['samples']['sampler']} | "
+            f"{conf} | >= {need:.1%} | {min(shares):.1%}-{max(shares):.1%} | {m['domain_fid']:.2f} | "
+            f"{bpd['mean']:.3f} ± {bpd['sem']:.3f} | {'yes' if bar['met'] else 'no (' + ', '.join(failed) + ')'} |")
+        notes.add(f"{bpd['images']} test images, t-terms {bpd['t_terms']}")
+    if len(out) == 2:
+        return "_No base models for " + " or ".join(missing) + " yet (`checkpoints/<dataset>/ddpm/card.json`)._\n"
+    return "\n".join(out) + (f"\n\n_No base model for {' or '.join(missing)} yet._" if missing else "") + (
+        "\n\n_From the cards (`python -m vdu card`). Confident: evaluator max-probability >= 0.9, Wilson interval. "
+        "Bar: every class at 5-15% and a confident share of at least half the evaluator's on real test images. "
+        f"Bits/dim: NLL bound on {'; '.join(sorted(notes))}._\n")
+
+
 TABLES = {"benchmark": benchmark, "duality": duality, "constrained": constrained, "data": data, "evaluation": evaluation,
-          "vdu": vdu_classes, "posteriors": posteriors}
+          "vdu": vdu_classes, "posteriors": posteriors, "base_models": base_models}
 
 
 def render(text: str, root: Path = REPO) -> str:

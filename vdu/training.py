@@ -84,11 +84,14 @@ class TrainConfig:
 
     def command(self) -> str:
         """The ``python -m vdu pretrain`` command line that reproduces this config."""
+        import shlex
         args = []
         for k, v in asdict(self).items():
             if k != "model_overrides" and v != getattr(TrainConfig, k, None):
                 flag = "--" + k.replace("_", "-")
-                args.append(flag if v is True else f"--no-{flag[2:]}" if v is False else f"{flag} {v}")
+                args.append(flag if v is True else f"--no-{flag[2:]}" if v is False else f"{flag} {shlex.quote(str(v))}")
+        if self.model_overrides:
+            args.append(f"--model-overrides {shlex.quote(json.dumps(self.model_overrides))}")
         return " ".join(["python -m vdu pretrain"] + args)
 
     def check(self) -> "TrainConfig":
