@@ -10,7 +10,7 @@ import torch
 from torchvision.utils import save_image
 
 from .data import load_dataset
-from .evaluation import EvalConfig
+from .evaluation import EvalConfig, wilson_interval
 from .evaluator import load_evaluator
 from .diffusion import nll_bits_per_dim
 from .metrics import class_histogram, domain_fid, domain_kid
@@ -72,9 +72,8 @@ def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
     import math
     if int(k) != k or int(n) != n or not 0 <= k <= n or n < 1:
         raise ValueError(f"need whole counts 0 <= k <= n with n >= 1, got k={k}, n={n}")
-    p = k / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
-    return [max(0.0, math.floor((centre - half) * 1e4) / 1e4), min(1.0, math.ceil((centre + half) * 1e4) / 1e4)]
+    lo, hi = wilson_interval(k / n, n, z)
+    return [max(0.0, math.floor(lo * 1e4) / 1e4), min(1.0, math.ceil(hi * 1e4) / 1e4)]
 
 
 # how a card names the sampler its numbers were measured with

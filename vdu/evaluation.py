@@ -172,6 +172,13 @@ def fid_draws(evaluator, fake: torch.Tensor, real: torch.Tensor, n_boot: int = 1
                          for _ in range(n_boot)])
 
 
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a share ``p`` observed on ``n`` samples (95% with the default ``z``)."""
+    import math
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
 def samples_needed(forget_share: float, pul: float = 99.0, other: float = 95.0, level: float = 0.95) -> int:
     """Seed-bank samples per model for a measured PUL of ``pul`` % to exclude ``other`` %: the smallest n whose
     Wilson interval for the surviving fraction (1 - PUL) of the ``forget_share * n`` forget-class samples
@@ -184,8 +191,7 @@ def samples_needed(forget_share: float, pul: float = 99.0, other: float = 95.0, 
         raise ValueError(f"level must be 0.9, 0.95 or 0.99, got {level}")
     p, bound = 1 - pul / 100, 1 - other / 100
     for n0 in range(1, 1_000_000):
-        upper = (p + z * z / (2 * n0) + z * math.sqrt(p * (1 - p) / n0 + z * z / (4 * n0 * n0))) / (1 + z * z / n0)
-        if upper < bound:
+        if wilson_interval(p, n0, z)[1] < bound:
             return math.ceil(n0 / forget_share)
     raise ValueError("no sample count up to 1e6 resolves these targets")
 
