@@ -388,6 +388,8 @@ numbers = {"models": models, "entries": entries, "loop": loop, "target": target,
                           "u_fid": f"domain FID (evaluator features) vs {n_reference} retained-class test images",
                           "conditional_prompts": "i % 10"},
            "data": {"n_forget": n_forget, "n_retain": n_retain, "dataset_file": str(train.name)},
+           "classes": {"first": first_class, "subset": list(subset), "all": list(all_classes),
+                       "names": list(train.classes)},
            "relearn": {"images": relearn_images, "steps": relearn_steps, "lr": relearn_lr,
                        "column": "relearn_vs_pretrained = forget share after the attack / the attacked pretrained "
                                  "model's (relearn_pretrained_share); relearn_fraction = the same over the unattacked "

@@ -136,3 +136,31 @@ def test_base_model_table_reads_the_cards(tmp_path):
     (folder / "card.json").write_text(json.dumps(card))
     row = next(l for l in report.base_models(tmp_path).splitlines() if "checkpoints/cifar10/ddpm" in l)
     assert row.startswith("| `checkpoints/cifar10/ddpm` | ? | ? |")
+
+
+def test_a_datasets_benchmark_table_heads_its_own_classes(tmp_path):
+    """The CIFAR-10 block reads results/cifar10/benchmark.json and heads the per-class table with the classes that
+    run recorded, by id and name."""
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- report:benchmark_cifar10 -->\n<!-- /report -->\n")
+    report.main(readme=readme, root=tmp_path)
+    assert "results/cifar10/benchmark.json not written yet (`make run-all DATASETS=cifar10" in readme.read_text()
+    r = dict(model="uncond", data="forget-only", config="fu", forget_class=6, pul=91.0, pul_ci=[85.0, 96.0],
+             u_fid_ratio=1.1, relearn_vs_pretrained=0.9)
+    s = dict(model="uncond", data="retain", entry="fu", method="fu", classes=2, pul=80.0, forget_share=0.02,
+             u_fid_ratio=1.1, confident=0.2, confident_before=0.2, steps=80.0, unlearn_s=300.0, relearn=0.9,
+             at_target=0)
+    (tmp_path / "results" / "cifar10").mkdir(parents=True)
+    (tmp_path / "results" / "cifar10" / "benchmark.json").write_text(json.dumps(dict(
+        rows=[r, dict(r, forget_class=3, pul=69.0, pul_ci=[60.0, 75.0])], pareto=[], summary=[s],
+        loop=dict(stop_forget_ratio=1.3), entries=dict(fu=dict(method="fu")), target=dict(pul=95.0, u_fid_ratio=1.2),
+        classes=dict(first=6, subset=[3, 8], all=[], names=["airplane", "automobile", "bird", "cat", "deer", "dog",
+                                                             "frog", "horse", "ship", "truck"]),
+        evaluation=dict(samples=1200, sampler="DDIM 20", seed_bank=0), relearn=dict(images=16, steps=50),
+        machine="m", notebook_wall_s=600.0, rows_from_cache=0, written="now")))
+    report.main(readme=readme, root=tmp_path)
+    text = readme.read_text()
+    assert "| class 6 (frog) | class 3 (cat) | class 8 (ship) |" in text, text
+    assert "| uncond | forget-only | `fu` | 1.3 | 91.0 [85.0, 96.0], 1.10x | 69.0 [60.0, 75.0], 1.10x | — | — | 0.90–0.90 |" \
+        in text, text
+    assert "relearning, classes 6, 3, 8" in text

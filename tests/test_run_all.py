@@ -152,3 +152,74 @@ def test_row_cache_computes_a_row_once(tmp_path):
     RowCache(tmp_path / "c", code="v2").row(compute, method="lu", eps=0.05)          # changed code: recomputed
     RowCache(None).row(compute, method="lu", eps=0.05)                               # cache off: always computed
     assert len(calls) == 3
+
+
+def test_dataset_blocks_layer_between_the_full_and_the_gpu_profile(tmp_path):
+    """params/<nb>-<ds>.yaml replaces the full profile's keys on that dataset only; the GPU profile comes last."""
+    params = tmp_path / "notebooks" / "params"
+    params.mkdir(parents=True)
+    (params / "nb-full.yaml").write_text("profile: full\nn: 1\nclasses: [1, 8]\ncache: results/mnist\n")
+    (params / "nb-cifar10.yaml").write_text("classes: [6]\ncache: results/cifar10\n")
+    (params / "nb-gpu.yaml").write_text("device: cuda\nn: 5\n")
+    assert notebook._full_params(tmp_path, "nb", "mnist") == dict(profile="full", n=1, classes=[1, 8],
+                                                                  cache="results/mnist", dataset="mnist")
+    assert notebook._full_params(tmp_path, "nb", "cifar10") == dict(profile="full", n=1, classes=[6],
+                                                                    cache="results/cifar10", dataset="cifar10")
+    assert notebook._full_params(tmp_path, "nb", "cifar10", gpu=True) == dict(
+        profile="full", n=5, classes=[6], cache="results/cifar10", device="cuda", dataset="cifar10")
+
+
+def test_every_dataset_block_names_parameters_its_notebook_has():
+    """Each params/<nb>-<ds>.yaml is a cell of the matrix and names only parameters of the notebook; the benchmark's
+    blocks point at that dataset's own models, cache folder and classes (a typo would show hours into a run)."""
+    import ast
+    from pathlib import Path
+    import yaml
+    root = Path(notebook.__file__).resolve().parents[1]
+    blocks = [p for p in sorted((root / "notebooks" / "params").glob("*.yaml"))
+              if not p.name.endswith(("-full.yaml", "-gpu.yaml"))]
+    assert {p.name for p in blocks} >= {"benchmark-cifar10.yaml", "benchmark-tinyimagenet.yaml"}
+    for path in blocks:
+        nb, ds = path.stem.rsplit("-", 1)
+        assert ds in notebook.MATRIX and nb in notebook.MATRIX[ds], path.name
+        src = (root / "notebooks" / f"{nb}.py").read_text()
+        cell = src.split('# %% tags=["parameters"]\n', 1)[1].split("# %%", 1)[0]
+        names = {t.id for node in ast.parse(cell).body if isinstance(node, ast.Assign) for t in node.targets
+                 if isinstance(t, ast.Name)}
+        block = yaml.safe_load(path.read_text())
+        assert set(block) <= names, (path.name, set(block) - names)
+        p = notebook._full_params(root, nb, ds)
+        if nb == "benchmark":
+            assert all(f.startswith(f"checkpoints/{ds}/") and (root / f / "unet").is_dir()
+                       for f in p["models"].values()), p["models"]
+            assert p["cache_dir"].startswith(f"results/{ds}/")
+            assert {m for e in p["entries"].values() for m in e["models"]} <= set(p["models"])
+            assert all(0 <= c < 10 for c in [p["first_class"], *p["subset"], *p["all_classes"]])
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_on_the_cifar10_block(tmp_path):
+    """The benchmark notebook (smoke sizes) on CIFAR-10's block of the matrix: its committed base model, evaluator
+    and real data, the frog class, every entry of the block (the posterior-only VDU where the model has its
+    posterior); the results file records the classes by name."""
+    pm = pytest.importorskip("papermill")
+    from pathlib import Path
+    from vdu.data import data_root
+    if not (data_root() / "cifar10.npz").exists():
+        pytest.skip("cifar10.npz is not in the data folder")
+    root = Path(notebook.__file__).resolve().parents[1]
+    block = notebook._dataset_params(root, "benchmark", "cifar10")
+    has_posterior = (root / block["models"]["uncond"] / "posterior.safetensors").exists()
+    entries = {name: {**e, **({"replay_samples": 8, "replay_ddim_steps": 2} if "replay_samples" in e else {})}
+               for name, e in block["entries"].items() if e.get("stability") != "posterior" or has_posterior}
+    out = root / "results" / "cifar10" / "smoke" / "benchmark.json"
+    out.unlink(missing_ok=True)
+    pm.execute_notebook(str(root / "notebooks" / "benchmark.ipynb"), str(tmp_path / "out.ipynb"),
+                        cwd=str(root / "notebooks"), progress_bar=False,
+                        parameters=dict(dataset="cifar10", models=block["models"], entries=entries, pareto={},
+                                        first_class=block["first_class"], n_reference=64, n_samples=24))
+    d = json.loads(out.read_text())
+    assert d["dataset"] == "cifar10" and d["profile"] == "smoke"
+    assert {(r["config"], r["forget_class"]) for r in d["rows"]} == {(n, 6) for n in entries}
+    assert d["classes"]["names"][d["classes"]["first"]] == "frog"
+    assert all(r["n_samples"] == 24 and 0 <= r["forget_share_before"] <= 1 for r in d["rows"])

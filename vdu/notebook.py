@@ -31,7 +31,8 @@ def check_options(configs: dict, method: str) -> None:
 # the notebooks `make run-all` runs for each dataset, in reading order (each with notebooks/params/<nb>-full.yaml)
 MATRIX = {"mnist": ["pretrain", "vdu_unlearning", "benchmark", "constrained_unlearning", "data_unlearning",
                     "evaluation", "posteriors"],
-          "cifar10": ["pretrain"], "tinyimagenet": ["pretrain"], "gmm": ["duality"]}
+          "gmm": ["duality"],
+          "cifar10": ["pretrain", "benchmark"], "tinyimagenet": ["pretrain", "benchmark"]}
 
 
 def finished(path) -> bool:
@@ -67,7 +68,7 @@ def run_all(datasets=None, notebooks=None, force: bool = False, root=None, out=N
     from pathlib import Path
     root = Path(root) if root else Path(__file__).resolve().parents[1]
     out = Path(out) if out else root / "docs" / "executed"
-    datasets = list(datasets or ["mnist", "gmm"])
+    datasets = list(datasets or MATRIX)
     unknown = [d for d in datasets if d not in MATRIX]
     if unknown:
         raise ValueError(f"unknown dataset(s) {unknown}; known: {sorted(MATRIX)}")
@@ -116,11 +117,22 @@ def run_all(datasets=None, notebooks=None, force: bool = False, root=None, out=N
 
 
 def _full_params(root, nb: str, ds: str, gpu: bool = False) -> dict:
+    """The parameters papermill gives ``nb`` on dataset ``ds``: ``params/<nb>-full.yaml``, then the dataset's
+    block ``params/<nb>-<ds>.yaml`` where there is one (its top-level keys replace the full profile's), then
+    the GPU profile's overrides when ``gpu``."""
     import yaml
     path = root / "notebooks" / "params" / f"{nb}-full.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: every notebook of the matrix needs its full profile")
-    return {**(yaml.safe_load(path.read_text()) or {}), **(_gpu_params(root, nb) if gpu else {}), "dataset": ds}
+    return {**(yaml.safe_load(path.read_text()) or {}), **_dataset_params(root, nb, ds),
+            **(_gpu_params(root, nb) if gpu else {}), "dataset": ds}
+
+
+def _dataset_params(root, nb: str, ds: str) -> dict:
+    """``params/<nb>-<ds>.yaml``: what the full profile of ``nb`` changes on dataset ``ds`` ({} where nothing)."""
+    import yaml
+    path = root / "notebooks" / "params" / f"{nb}-{ds}.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
 
 def _gpu_params(root, nb: str) -> dict:

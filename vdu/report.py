@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .results import REPO
 
-BLOCK = re.compile(r"(<!-- report:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /report -->)", re.S)
+BLOCK = re.compile(r"(<!-- report:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- /report -->)", re.S)
 
 
 def _load(path: str, root: Path) -> dict | None:
@@ -272,16 +272,18 @@ def posteriors(root: Path) -> str:
                              f"Notebook {d['wall_time_s'] / 60:.0f} min, written {d['written']}.\n")
 
 
-def _per_class(items) -> str:
-    """Benchmark rows grouped by (model, data, entry, stop ratio), classes 1, 8 and 0 side by side: PUL [95%
+def _per_class(items, shown=(1, 8, 0), names=None) -> str:
+    """Benchmark rows grouped by (model, data, entry, stop ratio), the ``shown`` classes side by side: PUL [95%
     interval] and u-FID ratio per cell, the other classes' mean, and the relearning ratio over the classes shown.
-    ``items``: (model, data, entry, stop ratio, class, row, relearning ratio or None)."""
+    ``items``: (model, data, entry, stop ratio, class, row, relearning ratio or None); ``names``: class names,
+    shown in the header where given."""
     groups: dict = {}
     for kind, data, entry, ratio, c, row, rel in items:
         groups.setdefault((kind, data, entry, ratio), {})[c] = (row, rel)
-    shown = (1, 8, 0)
-    out = ["| model | data | entry | stop ratio | class 1 | class 8 | class 0 | other classes: mean PUL (n: range) | "
-           "relearning, classes 1, 8, 0 (x pretrained's) |", "|---|---|---|---|---|---|---|---|---|"]
+    head = [f"class {c}" + (f" ({names[c].split(',')[0]})" if names else "") for c in shown]
+    out = ["| model | data | entry | stop ratio | " + " | ".join(head) + " | other classes: mean PUL (n: range) | "
+           f"relearning, classes {', '.join(map(str, shown))} (x pretrained's) |",
+           "|---|---|---|---|" + "---|" * len(shown) + "---|---|"]
     order = {"uncond": 0, "cond": 1}
     for (kind, data, entry, ratio), by_c in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 2), g[0][1:])):
         cells, rels = [], []
@@ -300,7 +302,7 @@ def _per_class(items) -> str:
     return "\n".join(out)
 
 
-def _benchmark_cached(folder: Path) -> str:
+def _benchmark_cached(folder: Path, dataset: str = "mnist", shown=(1, 8, 0)) -> str:
     """The rows an unfinished full run has kept so far (``vdu.results.RowCache`` files), as :func:`_per_class`."""
     rows, refs, damaged = [], {}, 0
     for f in sorted(folder.glob("*.json")):
@@ -320,31 +322,43 @@ def _benchmark_cached(folder: Path) -> str:
         ref = refs.get((spec["kind"], spec["c"]))
         rel = row["relearn_forget_share"] / ref if row.get("relearn_forget_share") is not None and ref else None
         items.append((spec["kind"], row["data"], row["config"], ratio, spec["c"], row, rel))
-    out = [_per_class(items)]
+    out = [_per_class(items, shown)]
     commits = sorted({c for _, _, c in rows if c})
     samples = sorted({r["n_samples"] for _, r, _ in rows if r.get("n_samples")})
     return "\n".join(out) + (
-        f"\n\n_Cached rows of the unfinished full run (`results/mnist/benchmark.json` not written yet; "
-        f"`make run-all NOTEBOOKS=benchmark` resumes from `results/mnist/rows/benchmark/`): {len(rows)} method rows "
+        f"\n\n_Cached rows of the unfinished full run (`results/{dataset}/benchmark.json` not written yet; "
+        f"`make run-all {'' if dataset == 'mnist' else f'DATASETS={dataset} '}NOTEBOOKS=benchmark` resumes from "
+        f"`results/{dataset}/rows/benchmark/`): {len(rows)} method rows "
         f"and {len(refs)} relearning references"
         + (f"; {damaged} unreadable files skipped" if damaged else "") + ". Each cell: PUL % [95% paired-bootstrap "
         f"interval], u-FID ratio to the pretrained model"
         + (f"; {' / '.join(f'{n:,}' for n in samples)} samples per model" if samples else "")
-        + " (sampler and seed bank of `notebooks/params/benchmark-full.yaml`). "
+        + f" (sampler and seed bank of `notebooks/params/benchmark-full.yaml`"
+        + ("" if dataset == "mnist" else f" and `benchmark-{dataset}.yaml`") + "). "
         f"Computed at commit{'s' if len(commits) > 1 else ''} "
         f"{', '.join(commits) or 'unknown'}; a row's key includes the digest of the method and evaluation code, so "
         f"the full run reuses only rows of its own code. The class means and the at-target count come with the "
         f"full run._\n")
 
 
-def benchmark(root: Path) -> str:
-    d = _load("results/mnist/benchmark.json", root)
+def _shown_classes(root: Path, dataset: str, d: dict | None) -> list[int]:
+    """The classes every benchmark entry runs (first class, then the subset): from the results file, or, for
+    files written before it recorded them and for cached rows, from the dataset's full profile."""
+    if d is not None and d.get("classes"):
+        return [d["classes"]["first"]] + [c for c in d["classes"]["subset"] if c != d["classes"]["first"]]
+    from .notebook import _full_params
+    p = _full_params(root if (root / "notebooks" / "params").is_dir() else REPO, "benchmark", dataset)
+    return [p["first_class"]] + [c for c in p["subset"] if c != p["first_class"]]
+
+
+def benchmark(root: Path, dataset: str = "mnist") -> str:
+    d = _load(f"results/{dataset}/benchmark.json", root)
+    run = "make run-all " + ("" if dataset == "mnist" else f"DATASETS={dataset} ") + "NOTEBOOKS=benchmark"
     if d is None:
-        folder = root / "results/mnist/rows/benchmark"
+        folder = root / f"results/{dataset}/rows/benchmark"
         if not folder.is_dir() or not any(folder.glob("*.json")):
-            return ("_results/mnist/benchmark.json not written yet (`make run-all NOTEBOOKS=benchmark`): no rows "
-                    "cached either._\n")
-        return _benchmark_cached(folder)
+            return f"_results/{dataset}/benchmark.json not written yet (`{run}`): no rows cached either._\n"
+        return _benchmark_cached(folder, dataset, _shown_classes(root, dataset, None))
     ev, t = d["evaluation"], d["target"]
     out = ["| model | data | entry | classes | mean PUL % | forget share after | u-FID (x) | confident after | "
            "forget / retain NLL after (bits/dim) | relearning (x pretrained's) | steps | s | at target |",
@@ -369,7 +383,7 @@ def benchmark(root: Path) -> str:
         items.append((r["model"], r["data"], r["config"], ratio, r["forget_class"], r, r.get("relearn_vs_pretrained")))
     return "\n".join(out) + (
         "\n\nPer class and strength (stop ratio), each cell PUL % [95% paired-bootstrap interval], u-FID ratio:\n\n"
-        + _per_class(items) +
+        + _per_class(items, _shown_classes(root, dataset, d), (d.get("classes") or {}).get("names")) +
         "\n\nMeans over the classes each entry ran; every row with its 95% intervals is in the results file. "
         + (f"NLL: the bound in bits/dim on held-out forget / retain images (pretrained model, mean over its classes: "
            f"{nll_before}). " if nll_before else "")
@@ -415,7 +429,8 @@ def base_models(root: Path) -> str:
         f"Bits/dim: NLL bound on {'; '.join(sorted(notes))}._\n")
 
 
-TABLES = {"benchmark": benchmark, "duality": duality, "constrained": constrained, "data": data, "evaluation": evaluation,
+TABLES = {"benchmark": benchmark, "benchmark_cifar10": lambda root: benchmark(root, "cifar10"),
+          "benchmark_tinyimagenet": lambda root: benchmark(root, "tinyimagenet"), "duality": duality, "constrained": constrained, "data": data, "evaluation": evaluation,
           "vdu": vdu_classes, "posteriors": posteriors, "base_models": base_models}
 
 
