@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import CKPT, tiny_unet
-from vdu.models import ModelExistsError, build_scheduler, check_save_target, load_model, save_model
+from conftest import CKPT, TINY, tiny_unet
+from vdu.models import ModelExistsError, build_scheduler, build_unet, check_save_target, load_model, save_model
 from vdu.posterior import (fingerprint, gaussian_from_checkpoints, load_posterior, make_posterior,
                            recode_posterior, save_posterior, weights_digest)
 
@@ -204,7 +204,7 @@ def test_int8_posterior_is_half_the_size_and_within_half_a_step(tmp_path):
         step = (var[n].clamp_min(1e-8).log().max() - var[n].clamp_min(1e-8).log().min()) / 255
         assert (recoded["var"][n].log() - post["var"][n].log()).abs().max() <= step + 0.01   # float16 at |x|<32: 0.008
     with pytest.raises(ValueError, match="codec"):
-        save_posterior(tmp_path / "x.safetensors", mean, var, deployed, k=2, method="test", codec="int4")
+        save_posterior(tmp_path / "x.safetensors", mean, var, deployed, k=2, method="test", codec="int2")
     for n in mean:
         assert (recoded["mean"][n] - mean[n]).abs().max() <= (mean[n] - deployed[n]).abs().max() / 254 + 2e-6
 
@@ -236,9 +236,61 @@ def test_int8_posterior_refuses_bad_statistics_and_mislabelled_files(tmp_path):
               metadata=meta)
     with pytest.raises(ValueError, match="corrupt.*int8 statistics expected"):
         load_posterior(tmp_path / "dtype.safetensors", unet)
-    save_file(flat, tmp_path / "future.safetensors", metadata={**meta, "codec": "int4"})
-    with pytest.raises(ValueError, match="codec 'int4'"):
+    save_file(flat, tmp_path / "future.safetensors", metadata={**meta, "codec": "int2"})
+    with pytest.raises(ValueError, match="codec 'int2'"):
         load_posterior(tmp_path / "future.safetensors", unet)
+
+
+def test_int4_posteriors_are_a_quarter_and_an_eighth_with_errors_relative_to_sigma(tmp_path):
+    """int4: log sigma*^2 within half of 1/15 of each tensor's range, the mean within half a z-step of sigma*
+    (odd-sized tensors included: two values per byte); int4-var: the variance alone, which serves the centre
+    theta* and refuses the centre 'mean'; the packed files refuse other architectures and truncated bytes."""
+    from safetensors import safe_open
+    from vdu.methods.vdu import StabilityRegularizer
+    unet = tiny_unet(seed=0)
+    mean, var, deployed = _post_for(unet)
+    var = {n: v * torch.exp(torch.linspace(-3, 3, v.numel()).reshape(v.shape)) for n, v in var.items()}
+    assert any(v.numel() % 2 for v in var.values())                       # an odd tensor is packed too
+    f16 = save_posterior(tmp_path / "f16.safetensors", mean, var, deployed, k=2, method="test")
+    i4 = save_posterior(tmp_path / "i4.safetensors", mean, var, deployed, k=2, method="test", codec="int4")
+    v4 = save_posterior(tmp_path / "v4.safetensors", mean, var, deployed, k=2, method="test", codec="int4-var")
+    n_params = sum(v.numel() for v in var.values())
+    assert i4.stat().st_size - v4.stat().st_size >= n_params // 2          # the mean: half a byte per parameter
+    assert v4.stat().st_size < i4.stat().st_size < 0.5 * f16.stat().st_size
+    post, only_var = load_posterior(i4, unet), load_posterior(v4, unet)
+    for n in mean:
+        logvar = var[n].clamp_min(1e-8).log()
+        step = (logvar.max() - logvar.min()) / 15
+        assert (post["var"][n].log() - logvar).abs().max() <= step / 2 + 1e-5
+        assert torch.equal(post["var"][n], only_var["var"][n])
+        z = (mean[n] - deployed[n]) / post["var"][n].sqrt()                  # offsets in the decoded sigma
+        zerr = (post["mean"][n] - mean[n]) / post["var"][n].sqrt()
+        assert zerr.abs().max() <= z.abs().max() / 14 + 1e-4
+    assert only_var["mean"] is None
+    moved = tiny_unet(seed=0)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(1e-3)
+    b_full = StabilityRegularizer(unet, post, center="deployed")(moved)
+    b_var = StabilityRegularizer(unet, only_var, center="deployed")(moved)
+    assert torch.allclose(b_full, b_var)                                 # same variance, same centre theta*
+    with pytest.raises(ValueError, match="no checkpoint mean.*center='deployed'"):
+        StabilityRegularizer(unet, only_var, center="mean")
+    with pytest.raises(ValueError, match="stores no mean.*int4-var"):     # nothing to write a mean from
+        recode_posterior(v4, unet, "int8")
+    with pytest.raises(ValueError, match="packed values there but"):
+        load_posterior(i4, build_unet("mnist", False, **{**TINY, "block_out_channels": (8, 24)}))
+    with safe_open(i4, "pt") as f:
+        meta, flat = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = "conv_in.weight"
+    save_file({**flat, f"delta_i4.{name}": flat[f"delta_i4.{name}"][:-1].contiguous()}, tmp_path / "cut.safetensors",
+              metadata=meta)
+    with pytest.raises(ValueError, match="corrupt.*int4 statistics expected"):
+        load_posterior(tmp_path / "cut.safetensors", unet)
+    recoded = load_posterior(recode_posterior(f16, unet, "int4"), unet)   # float16 -> int4 in place
+    for n in mean:
+        step = (var[n].clamp_min(1e-8).log().max() - var[n].clamp_min(1e-8).log().min()) / 15
+        assert (recoded["var"][n].log() - post["var"][n].log()).abs().max() <= step + 0.01
 
 
 def test_cli_recodes_a_posterior_only_when_told_how_and_allowed(tmp_path, capsys):

@@ -130,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                         "self: the same on the model's own samples (no data needed)")
     p.add_argument("--continuation-steps", type=_int_at_least(1), default=200)
     p.add_argument("--overwrite", action="store_true", help="replace an existing posterior.safetensors")
-    p.add_argument("--codec", default=None, choices=["float16", "int8"],
-                   help="storage of the statistics: float16 (default), or int8 (one byte per parameter and "
-                        "statistic, half the size)")
+    p.add_argument("--codec", default=None, choices=["float16", "int8", "int4", "int4-var"],
+                   help="storage of the statistics: float16 (default); int8 (one byte per parameter and statistic, "
+                        "half the size); int4 (half a byte each, a quarter); int4-var (the variance only, an eighth: "
+                        "serves VDU's default centre theta*) (vdu.posterior)")
     p.add_argument("--recode", action="store_true",
                    help="rewrite MODEL_DIR/posterior.safetensors in --codec (needs --codec and --overwrite) "
                         "instead of making a new one")
