@@ -45,7 +45,8 @@ evaluator_dir = None     # default checkpoints/<dataset>/evaluator
 demo_steps = 20          # steps of the demonstration pretraining run (0 skips it)
 demo_images = 512        # training images the demonstration run uses
 n_samples = 64           # samples drawn from the seed bank for the metrics
-ddim_steps = 20          # DDIM steps per sample
+ddim_steps = 20          # sampler steps per sample
+sampler = "ddim"         # ddim | ddpm (ancestral) | dpm (DPM-Solver++)
 nll_images = 16          # test images for the bits/dim estimate
 nll_timesteps = 20       # stratified t-terms per image of the NLL bound
 seed = 0
@@ -179,7 +180,7 @@ print(json.dumps({k: v for k, v in json.loads((ev_path / "card.json").read_text(
 
 # %% tags=[]
 metrics, samples = evaluate(unet, sched, ev, test, n=n_samples, ddim_steps=ddim_steps, nll_images=nll_images,
-                            nll_timesteps=nll_timesteps, seed=seed, progress=False,
+                            nll_timesteps=nll_timesteps, seed=seed, progress=False, sampler=sampler,
                             confident_min=confident_min_for(dataset, ev_path))
 fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
 axes[0].imshow(grid_array(samples[:100]), cmap="gray"); axes[0].set_axis_off()
