@@ -8,7 +8,7 @@ PAPERMILL := $(PY) -m papermill --cwd notebooks --progress-bar
 # NOTEBOOKS="a b" selects, FORCE=1 redoes finished ones, GPU=1 applies the GPU profiles params/<nb>-gpu.yaml);
 # the executed notebooks land in docs/executed/ (what the site shows; the paired notebooks/*.ipynb keep smoke
 # outputs). An interrupted run-all resumes.
-DATASETS ?= mnist gmm cifar10 tinyimagenet
+DATASETS ?= mnist gmm
 NOTEBOOKS ?=
 FORCE ?=
 GPU ?=

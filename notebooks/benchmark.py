@@ -135,6 +135,13 @@ for name, e in entries.items():        # typos fail here, not after an hour: eve
                          f"the loop (vdu.unlearning.LoopConfig)")
     if set(e["models"]) - set(models):
         raise ValueError(f"entry {name!r} names models {e['models']} but only {sorted(models)} are configured")
+    for kind in e["models"]:           # the paper's VDU needs the model's K-checkpoint posterior file
+        folder = Path(models[kind]) if Path(models[kind]).is_absolute() else REPO / models[kind]
+        if e.get("stability", getattr(m.Config, "stability", None)) == "posterior" and \
+                not (folder / "posterior.safetensors").exists():
+            raise FileNotFoundError(f"entry {name!r} needs the posterior of {models[kind]} ({folder / 'posterior.safetensors'} "
+                                    f"is missing): make it with `python -m vdu posterior {models[kind]} --run-dir "
+                                    f"RUN_FOLDER`, or leave the entry out")
 torch.set_num_threads(threads)
 t_start = time.time()
 evaluator = load_evaluator(REPO / (evaluator_dir or f"checkpoints/{dataset}/evaluator"))

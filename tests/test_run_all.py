@@ -214,6 +214,12 @@ def test_the_benchmark_runs_on_the_cifar10_block(tmp_path):
                for name, e in block["entries"].items() if e.get("stability") != "posterior" or has_posterior}
     out = root / "results" / "cifar10" / "smoke" / "benchmark.json"
     out.unlink(missing_ok=True)
+    if not has_posterior:             # the paper's VDU without its posterior: refused in the first cell, by name
+        with pytest.raises(pm.PapermillExecutionError, match="entry 'vdu' needs the posterior of checkpoints/cifar10"):
+            pm.execute_notebook(str(root / "notebooks" / "benchmark.ipynb"), str(tmp_path / "refused.ipynb"),
+                                cwd=str(root / "notebooks"), progress_bar=False,
+                                parameters=dict(dataset="cifar10", models=block["models"], entries=block["entries"]))
+        assert not out.exists()
     pm.execute_notebook(str(root / "notebooks" / "benchmark.ipynb"), str(tmp_path / "out.ipynb"),
                         cwd=str(root / "notebooks"), progress_bar=False,
                         parameters=dict(dataset="cifar10", models=block["models"], entries=entries, pareto={},

@@ -278,7 +278,7 @@ def test_int4_posteriors_are_a_quarter_and_an_eighth_with_errors_relative_to_sig
         StabilityRegularizer(unet, only_var, center="mean")
     with pytest.raises(ValueError, match="stores no mean.*int4-var"):     # nothing to write a mean from
         recode_posterior(v4, unet, "int8")
-    with pytest.raises(ValueError, match="packed values there but"):
+    with pytest.raises(ValueError, match="packed bytes there but"):
         load_posterior(i4, build_unet("mnist", False, **{**TINY, "block_out_channels": (8, 24)}))
     with safe_open(i4, "pt") as f:
         meta, flat = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}

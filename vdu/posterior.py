@@ -121,7 +121,7 @@ def _unpack4(b: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _encode(name: str, delta: torch.Tensor, logvar: torch.Tensor, codec: str) -> dict:
-    """The stored tensors of one parameter (see the module docstring for the two codecs)."""
+    """The stored tensors of one parameter (see the module docstring for the four codecs)."""
     if not (torch.isfinite(delta).all() and torch.isfinite(logvar).all()):
         raise ValueError(f"the posterior statistics of {name!r} are not finite (NaN or inf in the mean or the "
                          f"variance): were the checkpoints finite?")
@@ -182,7 +182,8 @@ def _decode(flat: dict, name: str, codec: str, shape: tuple) -> tuple[torch.Tens
 def save_posterior(path: str | os.PathLike, mean: dict, var: dict, deployed: dict, k: int, method: str,
                    codec: str = "float16", provenance: str = "") -> Path:
     """Write the posterior compactly and atomically: ``delta.<name> = mu* - theta*`` and
-    ``logvar.<name> = log sigma*^2`` in float16, or in one byte each with ``codec="int8"`` (module
+    ``logvar.<name> = log sigma*^2`` in float16, in one byte each with ``codec="int8"``, in half a byte each
+    with ``"int4"``, or the variance alone in half a byte with ``"int4-var"`` (``mean`` may then be None; module
     docstring); the deployed weights theta* live in the model folder itself; their SHA-256 digest
     (:func:`weights_digest`) is stored so a posterior cannot be paired with other weights."""
     import tempfile
@@ -257,8 +258,9 @@ def load_posterior(path: str | os.PathLike, model: torch.nn.Module) -> dict:
             raise ValueError(f"posterior {path} has no statistics for parameter {name!r}: "
                              f"it was made for a different architecture")
         if codec.startswith("int4") and flat[kd + name].numel() != (p.numel() + 1) // 2:
-            raise ValueError(f"posterior {path}: parameter {name!r} has {2 * flat[kd + name].numel()} packed values "
-                             f"there but {p.numel()} in the model: a different architecture")
+            raise ValueError(f"posterior {path}: parameter {name!r} has {flat[kd + name].numel()} packed bytes "
+                             f"there but {p.numel()} values in the model ({(p.numel() + 1) // 2} bytes): a different "
+                             f"architecture")
         if not codec.startswith("int4") and flat[kd + name].shape != p.shape:
             raise ValueError(f"posterior {path}: parameter {name!r} has shape {tuple(flat[kd + name].shape)} "
                              f"there but {tuple(p.shape)} in the model: a different architecture")

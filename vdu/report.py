@@ -280,7 +280,7 @@ def _per_class(items, shown=(1, 8, 0), names=None) -> str:
     groups: dict = {}
     for kind, data, entry, ratio, c, row, rel in items:
         groups.setdefault((kind, data, entry, ratio), {})[c] = (row, rel)
-    head = [f"class {c}" + (f" ({names[c].split(',')[0]})" if names else "") for c in shown]
+    head = [f"class {c}" + (f" ({names[c].split(',')[0]})" if names and names[c] != str(c) else "") for c in shown]
     out = ["| model | data | entry | stop ratio | " + " | ".join(head) + " | other classes: mean PUL (n: range) | "
            f"relearning, classes {', '.join(map(str, shown))} (x pretrained's) |",
            "|---|---|---|---|" + "---|" * len(shown) + "---|---|"]
@@ -342,13 +342,16 @@ def _benchmark_cached(folder: Path, dataset: str = "mnist", shown=(1, 8, 0)) -> 
 
 
 def _shown_classes(root: Path, dataset: str, d: dict | None) -> list[int]:
-    """The classes every benchmark entry runs (first class, then the subset): from the results file, or, for
-    files written before it recorded them and for cached rows, from the dataset's full profile."""
+    """The (at most three) classes the per-class table shows: the first class every benchmark entry runs, then
+    the subset's, from the results file, or, for files written before it recorded them and for cached rows, from
+    the dataset's full profile."""
     if d is not None and d.get("classes"):
-        return [d["classes"]["first"]] + [c for c in d["classes"]["subset"] if c != d["classes"]["first"]]
-    from .notebook import _full_params
-    p = _full_params(root if (root / "notebooks" / "params").is_dir() else REPO, "benchmark", dataset)
-    return [p["first_class"]] + [c for c in p["subset"] if c != p["first_class"]]
+        first, subset = d["classes"]["first"], d["classes"]["subset"]
+    else:
+        from .notebook import _full_params
+        p = _full_params(root if (root / "notebooks" / "params").is_dir() else REPO, "benchmark", dataset)
+        first, subset = p["first_class"], p["subset"]
+    return ([first] + [c for c in subset if c != first])[:3]      # the others go to the "other classes" column
 
 
 def benchmark(root: Path, dataset: str = "mnist") -> str:
@@ -429,8 +432,10 @@ def base_models(root: Path) -> str:
         f"Bits/dim: NLL bound on {'; '.join(sorted(notes))}._\n")
 
 
-TABLES = {"benchmark": benchmark, "benchmark_cifar10": lambda root: benchmark(root, "cifar10"),
-          "benchmark_tinyimagenet": lambda root: benchmark(root, "tinyimagenet"), "duality": duality, "constrained": constrained, "data": data, "evaluation": evaluation,
+TABLES = {"benchmark": benchmark,
+          "benchmark_cifar10": lambda root: benchmark(root, "cifar10"),
+          "benchmark_tinyimagenet": lambda root: benchmark(root, "tinyimagenet"),
+          "duality": duality, "constrained": constrained, "data": data, "evaluation": evaluation,
           "vdu": vdu_classes, "posteriors": posteriors, "base_models": base_models}
 
 

@@ -98,7 +98,7 @@ class StabilityRegularizer:
             raise ValueError(f"var_floor must be > 0, got {var_floor}")
         if center == "mean" and posterior.get("mean") is None:
             raise ValueError("this posterior stores no checkpoint mean (a variance-only file, codec int4-var): use "
-                             "center='deployed' (theta*, the default), or a posterior file with the mean")
+                             "center='deployed' (theta*; VDUConfig's default), or a posterior file with the mean")
         src = posterior["mean"] if center == "mean" else posterior.get("deployed") or {}
         if center == "deployed" and not src:
             raise ValueError("posterior has no 'deployed' weights; use center='mean'")
