@@ -16,7 +16,7 @@
 # ---
 
 # %% [markdown] tags=[]
-# # 4 · Class unlearning on MNIST: every method on the same model, seeds and evaluator
+# # 4 · Class unlearning: every method on the same model, seeds and evaluator
 #
 # **Read first:** `pretrain` (the base models, the evaluator, the metrics) and `vdu_unlearning` (VDU and
 # the loop's stop rule and guards). **What this shows:** the baselines a reader compares with, run
@@ -24,6 +24,12 @@
 # evaluator, split by the data each method may touch; a Pareto plot over each method's strength; and a
 # relearning attack. **Cost:** smoke profile a few minutes (tests); the full profile
 # (`params/benchmark-full.yaml`, `make run-all`) several hours on one CPU thread.
+#
+# **Datasets.** The cells below run on MNIST by default (an unconditional and a class-conditional model). The
+# same notebook runs on CIFAR-10 and Tiny ImageNet (`make run-all DATASETS=cifar10`): the dataset's block
+# `params/benchmark-<dataset>.yaml` replaces the model (one unconditional base), the entries (the paper's VDU,
+# `vdu-function` and the two baselines that did best on MNIST's unconditional model), the classes (CIFAR-10's
+# frog first, the paper's example) and the folder of finished rows.
 #
 # ## The methods, in one line each
 #
