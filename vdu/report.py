@@ -302,7 +302,8 @@ def _per_class(items, shown=(1, 8, 0), names=None) -> str:
     return "\n".join(out)
 
 
-def _benchmark_cached(folder: Path, dataset: str = "mnist", shown=(1, 8, 0)) -> str:
+def _benchmark_cached(folder: Path, dataset: str = "mnist", shown=(1, 8, 0),
+                      run: str = "make run-all NOTEBOOKS=benchmark") -> str:
     """The rows an unfinished full run has kept so far (``vdu.results.RowCache`` files), as :func:`_per_class`."""
     rows, refs, damaged = [], {}, 0
     for f in sorted(folder.glob("*.json")):
@@ -327,7 +328,7 @@ def _benchmark_cached(folder: Path, dataset: str = "mnist", shown=(1, 8, 0)) -> 
     samples = sorted({r["n_samples"] for _, r, _ in rows if r.get("n_samples")})
     return "\n".join(out) + (
         f"\n\n_Cached rows of the unfinished full run (`results/{dataset}/benchmark.json` not written yet; "
-        f"`make run-all {'' if dataset == 'mnist' else f'DATASETS={dataset} '}NOTEBOOKS=benchmark` resumes from "
+        f"`{run}` resumes from "
         f"`results/{dataset}/rows/benchmark/`): {len(rows)} method rows "
         f"and {len(refs)} relearning references"
         + (f"; {damaged} unreadable files skipped" if damaged else "") + ". Each cell: PUL % [95% paired-bootstrap "
@@ -361,7 +362,7 @@ def benchmark(root: Path, dataset: str = "mnist") -> str:
         folder = root / f"results/{dataset}/rows/benchmark"
         if not folder.is_dir() or not any(folder.glob("*.json")):
             return f"_results/{dataset}/benchmark.json not written yet (`{run}`): no rows cached either._\n"
-        return _benchmark_cached(folder, dataset, _shown_classes(root, dataset, None))
+        return _benchmark_cached(folder, dataset, _shown_classes(root, dataset, None), run)
     ev, t = d["evaluation"], d["target"]
     out = ["| model | data | entry | classes | mean PUL % | forget share after | u-FID (x) | confident after | "
            "forget / retain NLL after (bits/dim) | relearning (x pretrained's) | steps | s | at target |",
