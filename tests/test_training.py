@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -198,3 +199,12 @@ def test_bf16_autocast_trains_and_an_unknown_precision_is_refused(tmp_path, smal
     from vdu.training import ConfigError
     with pytest.raises(ConfigError, match="mixed_precision"):
         pretrain(_cfg(tmp_path / "fp8", mixed_precision="fp8"), data=small_data, progress=False)
+
+
+@pytest.mark.parametrize("capability, warns", [("AVX2", True), ("AVX512", False)])
+def test_bf16_on_a_cpu_without_native_bfloat16_warns(tmp_path, small_data, monkeypatch, capability, warns):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pretrain(_cfg(tmp_path / "run", steps=1, mixed_precision="bf16"), data=small_data, progress=False, device="cpu")
+    assert any("without native bfloat16" in str(w.message) for w in caught) == warns
