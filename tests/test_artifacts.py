@@ -101,7 +101,9 @@ def test_second_evaluator_is_accurate_and_independent_of_the_first(evaluator, mn
 def test_other_datasets_base_models_sample_and_record_how_they_were_made(ds):
     folder = CKPT.parent / ds / "ddpm"
     card = json.loads((folder / "card.json").read_text())
-    assert card["command"].startswith(f"python -m vdu pretrain --dataset {ds}") and "--model-overrides" in card["command"]
+    assert card["command"].startswith(f"python -m vdu pretrain --dataset {ds}")
+    first = card["init"]["command"] if "--init" in card["command"] else card["command"]   # a continuation: its init's
+    assert first.startswith(f"python -m vdu pretrain --dataset {ds}") and "--model-overrides" in first
     assert card["train_steps"] > 0 and card["train_wall_s"] > 0 and card["card_machine"].startswith("CPU")
     bar = card["metrics"]["quality_bar"]
     assert bar["confident_min"] == pytest.approx(confident_min_for(ds, CKPT.parent / ds / "evaluator")[0], abs=1e-4)

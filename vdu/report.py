@@ -413,6 +413,8 @@ def base_models(root: Path) -> str:
         bar, bpd = m["quality_bar"], m["bits_per_dim"]
         need = bar["confident_min"]
         steps = f"{c['train_steps']:,} x {cfg['batch_size']} steps" if c.get("train_steps") and cfg else "?"
+        if c.get("total_steps") and c.get("train_steps") and c["total_steps"] != c["train_steps"]:
+            steps = f"{c['total_steps']:,} x {cfg['batch_size']} steps ({c['train_steps']:,} in its last run, from --init)"
         if cfg and not c.get("train_finished", True):
             steps += f" of {cfg['steps']:,} planned (unfinished)"
         wall = f"{c['train_wall_s'] / 3600:.2f} h ({c.get('train_device') or '?'})" if c.get("train_wall_s") else "?"
@@ -430,7 +432,7 @@ def base_models(root: Path) -> str:
     return "\n".join(out) + (f"\n\n_No base model for {' or '.join(missing)} yet._" if missing else "") + (
         "\n\n_From the cards (`python -m vdu card`). Confident: evaluator max-probability >= 0.9, Wilson interval. "
         "Bar: every class at 5-15% and a confident share of at least half the evaluator's on real test images. "
-        f"Bits/dim: NLL bound on {'; '.join(sorted(notes))}._\n")
+        f"Bits/dim: NLL bound on {' or '.join(sorted(notes))} (the card says which)._\n")
 
 
 TABLES = {"benchmark": benchmark,
