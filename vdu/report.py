@@ -432,7 +432,7 @@ def base_models(root: Path) -> str:
     return "\n".join(out) + (f"\n\n_No base model for {' or '.join(missing)} yet._" if missing else "") + (
         "\n\n_From the cards (`python -m vdu card`). Confident: evaluator max-probability >= 0.9, Wilson interval. "
         "Bar: every class at 5-15% and a confident share of at least half the evaluator's on real test images. "
-        f"Bits/dim: NLL bound on {' or '.join(sorted(notes))} (the card says which)._\n")
+        f"Bits/dim: NLL bound on {'; or on '.join(sorted(notes))} (the card says which)._\n")
 
 
 TABLES = {"benchmark": benchmark,

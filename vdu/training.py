@@ -402,7 +402,7 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bfloat16 natively (AVX-512 / AMX kernels); on AVX2 alone torch emulates it."""
+    """Whether torch has AVX-512 kernels here (where bfloat16 autocast can pay); on AVX2 alone it is emulated and slow."""
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
