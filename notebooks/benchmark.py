@@ -288,13 +288,16 @@ def at_target(r):      # the whole interval: PUL's lower end and u-FID's upper e
     return (r.get("pul_ci") or [r["pul"]])[0] >= target["pul"] and fid_hi <= target["u_fid_ratio"]
 
 
-table, grids = [], {}
+table, grids, firsts = [], {}, {}
+for name, e in entries.items():     # the first class of every entry first: a run stopped early (its rows are
+    for kind in e["models"]:        # kept) already compares every method on one class
+        row, grids[kind, name] = run(name, kind, first_class, grid=True)
+        firsts[name, kind] = with_attack(row)
+        show(firsts[name, kind])
 for name, e in entries.items():
     for kind in e["models"]:
-        row, grids[kind, name] = run(name, kind, first_class, grid=True)
-        row = with_attack(row)
+        row = firsts[name, kind]
         table.append(row)
-        show(row)
         more = all_classes if (at_target(row) and row["data"] == "forget-only") else subset
         for c in [c for c in more if c != first_class]:
             table.append(with_attack(run(name, kind, c)[0]))
