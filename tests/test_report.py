@@ -84,7 +84,7 @@ def test_the_benchmark_table_reads_the_notebooks_results(tmp_path):
     assert ("| uncond | forget-only | `neggrad` | 1.3 | 96.2 [91.2, 100.0], 1.04x | 90.0 [85.0, 100.0], 1.04x | — | "
             "75.0 (2: 70.0 to 80.0) | 0.50 |") in text, text
     assert "| `neggrad` | 2 | 99.0 [94.0, 100.0], 1.04x | — | — | — | 0.50 |" in text, text
-    assert "5 method rows and 1 relearning references" in text and "1 unreadable files skipped" in text
+    assert "5 method rows and 1 relearning reference;" in text and "1 unreadable files skipped" in text
     assert "not written yet" in text
     s = dict(model="uncond", data="forget-only", entry="vdu-function", method="vdu", classes=3, pul=97.5,
              forget_share=0.002, u_fid_ratio=1.1, confident=0.58, confident_before=0.59, steps=40.0, unlearn_s=95.0,

@@ -330,7 +330,7 @@ def _benchmark_cached(folder: Path, dataset: str = "mnist", shown=(1, 8, 0),
         f"\n\n_Cached rows of the unfinished full run (`results/{dataset}/benchmark.json` not written yet; "
         f"`{run}` resumes from "
         f"`results/{dataset}/rows/benchmark/`): {len(rows)} method rows "
-        f"and {len(refs)} relearning references"
+        f"and {len(refs)} relearning reference{'' if len(refs) == 1 else 's'}"
         + (f"; {damaged} unreadable files skipped" if damaged else "") + ". Each cell: PUL % [95% paired-bootstrap "
         f"interval], u-FID ratio to the pretrained model"
         + (f"; {' / '.join(f'{n:,}' for n in samples)} samples per model" if samples else "")
