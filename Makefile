@@ -13,7 +13,7 @@ NOTEBOOKS ?=
 FORCE ?=
 GPU ?=
 
-.PHONY: setup test unit nbval run-all bench bench-gpu sync lab clean docs docs-check
+.PHONY: setup test unit nbval run-all bench bench-gpu bases-gpu sync lab clean docs docs-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -42,6 +42,23 @@ bench: setup
 # the accelerator run: fp32 and bf16 at batches 64 and 512, samplers, ratios to this CPU's bench.json
 bench-gpu: setup
 	$(PY) -m vdu.bench --device cuda --quality-samples 1000
+
+# the CIFAR-10 and Tiny ImageNet base models on a GPU, from scratch: the committed bases' UNet (2.7 M parameters,
+# so the weights stay small enough for the repository) at batch 256 under bfloat16 autocast, exported with a
+# K=4 posterior; then `python -m vdu card` on each (README, "Base models"). BASE_ARGS adds pretrain options.
+BASES ?= cifar10 tinyimagenet
+BASE_STEPS ?= 4000
+BASE_OUT ?= runs/gpu
+SMALL_UNET := {"block_out_channels": [32, 64, 128], "layers_per_block": 1, "norm_num_groups": 8, \
+  "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]}
+bases-gpu: setup
+	set -e; for d in $(BASES); do \
+	  $(PY) -m vdu pretrain --dataset $$d --steps $(BASE_STEPS) --batch-size 256 --lr 0.0006 --warmup $$(( $(BASE_STEPS) / 20 )) \
+	    --lr-final-frac 0.05 --mixed-precision bf16 --checkpoint-every 500 --k-snapshots 4 \
+	    --snapshot-every $$(( $(BASE_STEPS) / 16 )) --model-overrides '$(SMALL_UNET)' $(BASE_ARGS) \
+	    --out $(BASE_OUT)/$$d --export $(BASE_OUT)/$$d/model; \
+	  $(PY) -m vdu posterior $(BASE_OUT)/$$d/model --run-dir $(BASE_OUT)/$$d --k 4 --codec int4-var; \
+	done
 
 # the static site of the notebooks (executed full-profile runs of docs/executed/ where committed), offline
 docs: setup

@@ -119,7 +119,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from vdu.cards import grid_array
-from vdu.data import class_split, load_dataset
+from vdu.data import class_split, load_dataset, to_uint8
 from vdu.evaluation import EvalConfig, evaluate, samples_needed
 from vdu.evaluator import load_evaluator
 from vdu.experiments import relearn, unlearn_and_measure
@@ -251,8 +251,8 @@ def run(name, kind, c, grid=False, **extra):
         row["relearn_forget_share"] = attacked_share(m, kind, c, data)
         row["relearn_fraction"] = row["relearn_forget_share"] / max(before["forget_share"], 1e-9)
     if grid:        # the seed bank is per sample: these are the first 36 of the evaluation's samples
-        xs = dataclasses.replace(evaluation, n_samples=36).sample(
-            m, b["sched"], class_labels=None if b["labels"] is None else torch.arange(36) % null_class(m))
+        xs = to_uint8(dataclasses.replace(evaluation, n_samples=36).sample(       # uint8: a quarter of the disk
+            m, b["sched"], class_labels=None if b["labels"] is None else torch.arange(36) % null_class(m)))
     else:
         xs = None
     cache.put(row, xs, **spec)

@@ -52,3 +52,14 @@ def test_evaluator_errors(tmp_path, evaluator):
     (tmp_path / "e" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="corrupt"):
         load_evaluator(tmp_path / "e")
+
+
+def test_grid_array_reads_uint8_grids_as_their_float_images():
+    from vdu.cards import grid_array
+    from vdu.data import to_uint8
+
+    x = torch.rand(9, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    g, g8 = grid_array(x), grid_array(to_uint8(x))
+    assert g.shape == g8.shape == (3 * 9 + 1, 3 * 9 + 1, 3)
+    assert abs(g - g8).max() <= 0.5 / 255 + 1e-6          # one rounding to 256 levels, nothing else
+    assert abs(g - grid_array(to_uint8(-x))).max() > 0.1   # and a different image gives a different grid

@@ -27,9 +27,12 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 10) -> 
 
 
 def grid_array(images: torch.Tensor, nrow: int | None = None):
-    """Images in [-1, 1] as one (H, W) or (H, W, 3) array in [0, 1] for ``plt.imshow``."""
+    """Images in [-1, 1] (or uint8, :func:`vdu.data.to_uint8`) as one (H, W) or (H, W, 3) array in [0, 1] for
+    ``plt.imshow``."""
     from torchvision.utils import make_grid
 
+    if images.dtype == torch.uint8:
+        images = images.float() / 127.5 - 1
     nrow = nrow or int(len(images) ** 0.5)
     g = make_grid((images[: nrow * nrow] + 1) / 2, nrow=nrow, padding=1, pad_value=1.0).permute(1, 2, 0)
     return g[..., 0].numpy() if images.shape[1] == 1 else g.numpy()
