@@ -229,3 +229,37 @@ def test_the_benchmark_runs_on_the_cifar10_block(tmp_path):
     assert {(r["config"], r["forget_class"]) for r in d["rows"]} == {(n, 6) for n in entries}
     assert d["classes"]["names"][d["classes"]["first"]] == "frog"
     assert all(r["n_samples"] == 24 and 0 <= r["forget_share_before"] <= 1 for r in d["rows"])
+
+
+def test_compact_figures_keeps_the_picture_and_the_run_record(tmp_path):
+    """The executed notebooks' figures become palette PNGs: smaller, the same size in pixels, close in colour;
+    the papermill record (what `finished` reads) survives, and a second pass changes nothing."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from vdu.notebook import compact_figures
+    yy, xx = np.mgrid[0:120, 0:160]
+    rgb = np.stack([xx * 255 // 159, yy * 255 // 119, (xx + yy) % 256], -1).astype(np.uint8)
+    rgb[40:80, 40:120] = np.random.default_rng(0).integers(0, 256, (40, 80, 3))   # a noisy "sample grid"
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("plot()")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={"image/png": base64.b64encode(buf.getvalue()).decode(),
+                                                                 "text/plain": "<Figure>"})]
+    nb.cells = [cell]
+    nb.metadata["papermill"] = {"end_time": "2026-01-01T00:00:00", "exception": None, "parameters": {"profile": "full"}}
+    path = tmp_path / "fig.ipynb"
+    nbformat.write(nb, path)
+    saved = compact_figures(path)
+    assert saved > 0 and path.stat().st_size < len(nbformat.writes(nb))
+    out = nbformat.read(path, as_version=4).cells[0].outputs[0]["data"]["image/png"]
+    im = Image.open(io.BytesIO(base64.b64decode(out)))
+    assert im.mode == "P" and im.size == (160, 120)
+    diff = np.abs(np.asarray(im.convert("RGB"), dtype=int) - rgb)
+    assert diff.mean() < 8, diff.mean()
+    assert finished(path)
+    assert compact_figures(path) == 0

@@ -50,6 +50,42 @@ def finished(path) -> bool:
         meta.get("parameters", {}).get("profile") == "full"
 
 
+def compact_figures(path, colors: int = 256) -> int:
+    """Re-encode the PNG figures of the executed notebook at ``path`` as ``colors``-colour palette PNGs, where
+    that is smaller, and return the bytes saved. The executed notebooks are what the site shows; the lossless
+    figures are the files each notebook saves under ``results/``. A figure already in palette mode is left as
+    it is, so compacting twice changes nothing."""
+    import base64
+    import io
+    import os
+    from pathlib import Path
+
+    import nbformat
+    from PIL import Image
+    path = Path(path)
+    nb = nbformat.read(path, as_version=4)
+    saved = 0
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if "image/png" not in data:
+                continue
+            raw = base64.b64decode(data["image/png"])
+            im = Image.open(io.BytesIO(raw))
+            if im.mode == "P":
+                continue
+            buf = io.BytesIO()
+            im.convert("RGB").quantize(colors, method=Image.Quantize.MEDIANCUT).save(buf, "PNG", optimize=True)
+            if buf.tell() < len(raw):
+                data["image/png"] = base64.b64encode(buf.getvalue()).decode()
+                saved += len(raw) - buf.tell()
+    nb.metadata["vdu"] = {"figures": f"{colors}-colour palette PNGs; the lossless figures are under results/"}
+    tmp = path.with_name(f".{path.name}.compact")
+    nbformat.write(nb, tmp)
+    os.replace(tmp, path)
+    return saved
+
+
 class NoGPUError(RuntimeError):
     """The GPU profile was asked for on a machine where torch sees no CUDA device."""
 
@@ -110,6 +146,7 @@ def run_all(datasets=None, notebooks=None, force: bool = False, root=None, out=N
                 if tmp.exists():
                     os.replace(tmp, target.with_name(f"{nb}-{ds}.failed.ipynb"))
                 raise
+            compact_figures(tmp)        # the site's copy; the lossless figures are in results/
             os.replace(tmp, target)
             target.with_name(f"{nb}-{ds}.failed.ipynb").unlink(missing_ok=True)   # an earlier failure is history
             done.append({**row, "status": "ran", "wall_s": round(time.time() - t0, 1)})
