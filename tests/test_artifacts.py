@@ -47,6 +47,13 @@ def test_cards_record_how_the_models_were_made():
         assert card["command"].startswith("python -m vdu pretrain") and card["train_steps"] > 0
         assert card["train_wall_s"] > 0 and "quality_bar" in card["metrics"]
         assert (CKPT / name / "samples.png").stat().st_size > 1000
+    card = json.loads((CKPT / "ddpm-averaged" / "card.json").read_text())     # a weight average: no training
+    assert card["command"].startswith("python -m vdu average")
+    assert len(json.loads((CKPT / "ddpm-averaged" / "averaged.json").read_text())["from"]) >= 2
+    m, n = card["metrics"], card["metrics"]["samples"]["n"]
+    h = {"counts": [round(s * n) for s in m["class_shares"]], "shares": m["class_shares"],
+         "confident_share": m["confident_share"], "threshold": 0.9}
+    assert m["quality_bar"] == quality_bar(h)                   # the bar it records is the bar of its numbers
     ev = json.loads((CKPT / "evaluator" / "card.json").read_text())
     assert ev["test_accuracy"] >= 0.99
 
@@ -56,6 +63,28 @@ def test_quality_bar_rule():
     assert quality_bar(h)["met"]
     assert not quality_bar({**h, "confident_share": 0.85})["met"]
     assert not quality_bar({**h, "shares": [0.2] + [0.8 / 9] * 9})["met"]
+
+
+def test_quality_bar_boundary_is_exact():
+    """900 of 1,000 confident meets a 90% bar and a class at exactly 15% is inside [5%, 15%]; one fewer
+    confident sample, or one more of that class, is not (counted exactly, not through float32 shares)."""
+    from vdu.metrics import class_histogram
+
+    class Fixed:                      # an evaluator whose labels and confidences are given
+        def __init__(self, pred, conf):
+            self.pred, self.conf, self.config = pred, conf, {"num_classes": 10}
+
+        def predict(self, images):
+            return self.pred, self.conf
+
+    def hist(n_conf, n_zero):
+        pred = torch.cat([torch.zeros(n_zero), torch.arange(1000 - n_zero) % 9 + 1]).long()
+        conf = torch.cat([torch.full((n_conf,), 0.95), torch.full((1000 - n_conf,), 0.5)])
+        return class_histogram(Fixed(pred, conf), torch.zeros(1000, 1, 2, 2))
+
+    assert quality_bar(hist(900, 150))["met"]
+    assert not quality_bar(hist(899, 150))["confident_share_ok"]
+    assert not quality_bar(hist(900, 151))["class_shares_ok"]
 
 
 def test_other_datasets_bar_is_half_the_evaluators_share_on_real_images(tmp_path):

@@ -3,6 +3,7 @@ their comments as help), a run on a tiny model folder that saves and reloads, an
 import json
 
 import pytest
+import torch
 
 from conftest import tiny_unet
 from vdu.__main__ import main
@@ -82,12 +83,14 @@ def test_card_records_the_sampler_it_measured_with(tiny_folder, capsys, monkeypa
     ev = str(CKPT / "evaluator")
     used = []
     real = evaluation.sample
-    monkeypatch.setattr(evaluation, "sample", lambda *a, **k: used.append((k["method"], k["steps"])) or real(*a, **k))
+    monkeypatch.setattr(evaluation, "sample",
+                        lambda *a, **k: used.append((k["method"], k["steps"], k["seed"])) or real(*a, **k))
     main(["card", str(tiny_folder), "--evaluator", ev, "--n", "4", "--steps", "2", "--sampler", "ddpm",
-          "--nll-images", "2"])
-    assert used == [("ddpm", 2)]            # the samples were drawn with the sampler the card names
+          "--nll-images", "2", "--seed-bank", "1"])
+    assert used == [("ddpm", 2, 1)]         # drawn with the sampler and from the seed bank the card names
     card = json.loads((tiny_folder / "card.json").read_text())
     assert card["metrics"]["samples"]["sampler"] == "DDPM ancestral, 2 steps"
+    assert card["metrics"]["samples"]["seed_bank"] == 1
     assert (tiny_folder / "samples.png").exists() and "--sampler ddpm" in card["card_command"]
     with pytest.raises(SystemExit) as e:
         main(["card", str(tiny_folder), "--evaluator", ev, "--sampler", "euler"])
@@ -122,3 +125,25 @@ def test_a_cards_pretrain_command_reproduces_the_config(tmp_path, monkeypatch):
     assert argv[:3] == ["python", "-m", "vdu"]
     main(argv[3:])
     assert got == [cfg]
+
+
+def test_average_writes_the_mean_of_the_weights_and_refuses_what_it_cannot_average(tmp_path, capsys):
+    from conftest import TINY
+    from vdu.models import build_unet
+    a = save_model(tiny_unet(seed=0), build_scheduler(), tmp_path / "a", dtype=None)
+    b = save_model(tiny_unet(seed=1), build_scheduler(), tmp_path / "b", dtype=None)
+    out = tmp_path / "soup"
+    assert main(["average", str(out), str(a), str(b)]) == 0
+    ua, ub, us = (load_model(f)[0].state_dict() for f in (a, b, out))
+    for k in us:                                          # stored as float16, like every model folder
+        assert torch.allclose(us[k], ((ua[k] + ub[k]) / 2).half().float())
+    assert json.loads((out / "averaged.json").read_text())["from"] == [str(a), str(b)]
+    with pytest.raises(SystemExit) as e:                  # never overwrites a model without being told
+        main(["average", str(out), str(a), str(b)])
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    wide = save_model(build_unet("mnist", **{**TINY, "block_out_channels": [2 * c for c in TINY["block_out_channels"]]}),
+                      build_scheduler(), tmp_path / "wide")
+    with pytest.raises(ValueError, match="not the architecture"):
+        main(["average", str(tmp_path / "x"), str(a), str(wide)])
+    with pytest.raises(ValueError, match="at least two"):
+        main(["average", str(tmp_path / "y"), str(a)])

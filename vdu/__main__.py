@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--to", default=None)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing model folder there (with its card, samples and posterior)")
+    p = sub.add_parser("average", help="the uniform weight average of model folders (vdu.training.average_models)")
+    p.add_argument("out")
+    p.add_argument("models", nargs="+", help="two or more model folders of one architecture")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder at out")
     p = sub.add_parser("posterior", help="K-checkpoint posterior statistics (vdu.posterior)")
     p.add_argument("model_dir")
     p.add_argument("--run-dir", default=None)
@@ -156,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="how the card's samples are drawn: ddim (eta 0), ddpm (ancestral) or dpm (DPM-Solver++)")
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="sampler steps for the samples")
     p.add_argument("--nll-images", type=_int_at_least(1), default=256)
+    p.add_argument("--seed-bank", type=_int_at_least(0), default=0, help="which seed bank the samples come from")
     p.add_argument("--notes", default="", help="free text stored in the card (how the run went)")
     from .methods import REGISTRY
     from .unlearning import LoopConfig
@@ -237,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
             print(export_ema(a.run_dir, a.to, overwrite=a.overwrite))
         except ModelExistsError as e:
             ap.error(f"{e} (on the command line: --overwrite)")
+    elif a.cmd == "average":
+        from .models import ModelExistsError
+        from .training import average_models
+        try:
+            print(average_models(a.models, a.out, overwrite=a.overwrite))
+        except ModelExistsError as e:
+            ap.error(f"{e} (on the command line: --overwrite)")
     elif a.cmd == "posterior":
         from .posterior import make_posterior, recode_posterior
         if a.recode:
@@ -256,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 command=" ".join(["python -m vdu"] + (argv or sys.argv[1:]))), indent=2))
     elif a.cmd == "card":
         from .cards import model_card
-        print(json.dumps(model_card(a.model_dir, a.evaluator, n=a.n, ddim_steps=a.steps, sampler=a.sampler,
+        print(json.dumps(model_card(a.model_dir, a.evaluator, n=a.n, ddim_steps=a.steps, sampler=a.sampler, seed=a.seed_bank,
                                     nll_images=a.nll_images, notes=a.notes,
                                     command=" ".join(["python -m vdu"] + (argv or sys.argv[1:]))), indent=2))
     elif a.cmd in ("unlearn", "evaluate"):

@@ -434,6 +434,28 @@ def export_ema(run_dir: str | os.PathLike, to: str | os.PathLike | None = None, 
                              "threads": torch.get_num_threads()})
 
 
+def average_models(folders: list, to: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the uniform average of model folders' UNet weights as a model folder (a "model soup" of
+    one training lineage: the EMA models a schedule left behind, averaged over a longer horizon than
+    one run's EMA reaches). The folders must share one architecture; ``averaged.json`` names them."""
+    if len(folders) < 2:
+        raise ValueError(f"averaging needs at least two model folders, got {len(folders)}")
+    target = check_save_target(to, overwrite)
+    def arch(m):                  # the architecture, not where the folder was read from
+        return {k: v for k, v in m.config.items() if not k.startswith("_")}
+
+    unet, sched = load_model(folders[0])
+    states = [unet.state_dict()]
+    for f in folders[1:]:
+        other = load_model(f)[0]
+        if arch(other) != arch(unet):
+            raise ValueError(f"{f} is not the architecture of {folders[0]}: only one model's weights can be averaged")
+        states.append(other.state_dict())
+    unet.load_state_dict({k: sum(s[k].double() for s in states) / len(states) for k in states[0]})
+    return save_model(unet, sched, target, overwrite=overwrite,
+                      averaged={"from": [str(f) for f in folders], "weights": "uniform"})
+
+
 def snapshot_files(run_dir: str | os.PathLike) -> list[Path]:
     """The K snapshot files of a run, oldest first."""
     return sorted((Path(run_dir) / "snapshots").glob("step_*.safetensors"))
