@@ -54,6 +54,11 @@ def test_cards_record_how_the_models_were_made():
     h = {"counts": [round(s * n) for s in m["class_shares"]], "shares": m["class_shares"],
          "confident_share": m["confident_share"], "threshold": 0.9}
     assert m["quality_bar"] == quality_bar(h)                   # the bar it records is the bar of its numbers
+    k0, k1 = (round(b["confident_share"] * b["n"]) for b in (m | {"n": n}, card["second_seed_bank"]))
+    assert m["confident_share_ci95_wilson"] == wilson(k0, n)
+    assert card["second_seed_bank"]["confident_share_ci95_wilson"] == wilson(k1, card["second_seed_bank"]["n"])
+    assert card["pooled"]["confident"] == k0 + k1 and card["pooled"]["confident_share_ci95_wilson"] == wilson(
+        k0 + k1, card["pooled"]["n"])
     ev = json.loads((CKPT / "evaluator" / "card.json").read_text())
     assert ev["test_accuracy"] >= 0.99
 

@@ -145,5 +145,15 @@ def test_average_writes_the_mean_of_the_weights_and_refuses_what_it_cannot_avera
                       build_scheduler(), tmp_path / "wide")
     with pytest.raises(ValueError, match="not the architecture"):
         main(["average", str(tmp_path / "x"), str(a), str(wide)])
-    with pytest.raises(ValueError, match="at least two"):
+    with pytest.raises(ValueError, match="named twice"):
+        main(["average", str(tmp_path / "y"), str(a), str(a)])
+    from diffusers import DDPMScheduler
+    other = save_model(tiny_unet(seed=2), DDPMScheduler(num_train_timesteps=500), tmp_path / "other-schedule")
+    with pytest.raises(ValueError, match="noise schedule"):
+        main(["average", str(tmp_path / "z"), str(a), str(other)])
+    with pytest.raises(SystemExit) as e:
         main(["average", str(tmp_path / "y"), str(a)])
+    assert e.value.code == 2 and "two or more" in capsys.readouterr().err
+    from conftest import CKPT                              # its card says how it was made
+    main(["card", str(out), "--evaluator", str(CKPT / "evaluator"), "--n", "4", "--steps", "2", "--nll-images", "2"])
+    assert json.loads((out / "card.json").read_text())["command"] == f"python -m vdu average {out} {a} {b}"

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="how the card's samples are drawn: ddim (eta 0), ddpm (ancestral) or dpm (DPM-Solver++)")
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="sampler steps for the samples")
     p.add_argument("--nll-images", type=_int_at_least(1), default=256)
-    p.add_argument("--seed-bank", type=_int_at_least(0), default=0, help="which seed bank the samples come from")
+    p.add_argument("--seed-bank", type=_int_at_least(0), default=0, help="which seed bank the samples come from (it also picks the NLL's test images and noise)")
     p.add_argument("--notes", default="", help="free text stored in the card (how the run went)")
     from .methods import REGISTRY
     from .unlearning import LoopConfig
@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "average":
         from .models import ModelExistsError
         from .training import average_models
+        if len(a.models) < 2:
+            ap.error(f"average needs two or more model folders, got {len(a.models)}")
         try:
             print(average_models(a.models, a.out, overwrite=a.overwrite))
         except ModelExistsError as e:

@@ -46,8 +46,8 @@ def quality_bar(hist: dict, confident_min: float = 0.9, share_range=(0.05, 0.15)
     if "counts" in hist:   # from the counts in float64: float32 shares put 900 of 1,000 below 90%, 150 above 15%
         n = sum(hist["counts"])
         shares = [c / n for c in hist["counts"]]
-        if "confidence" in hist:
-            conf = int((torch.as_tensor(hist["confidence"]) >= hist["threshold"]).sum()) / n
+        conf = (int((torch.as_tensor(hist["confidence"]) >= hist["threshold"]).sum()) if "confidence" in hist
+                else round(conf * n)) / n
     ok_conf = conf >= confident_min
     ok_share = all(lo <= s <= hi for s in shares)
     return {"confident_share_ok": ok_conf, "class_shares_ok": ok_share, "met": ok_conf and ok_share,
@@ -157,8 +157,12 @@ def model_card(model_dir: str | os.PathLike, evaluator_dir: str | os.PathLike, n
             "membership_gap": round((a.mean() - b.mean()).item(), 4),
             "membership_gap_sem": round(((a.var() / len(a) + b.var() / len(b)) ** 0.5).item(), 4),
             "t_terms": f"stratified, {nll_timesteps}"}
+    command_made = TrainConfig(**train["config"]).command() if "config" in train else ""
+    if (model_dir / "averaged.json").exists():   # a weight average (python -m vdu average)
+        made = json.loads((model_dir / "averaged.json").read_text())
+        command_made = " ".join(["python -m vdu average", str(model_dir), *made["from"]])
     card = {"model": str(model_dir),
-            "command": TrainConfig(**train["config"]).command() if "config" in train else "",
+            "command": command_made,
             "card_command": command, "evaluator": str(evaluator_dir),
             "train_steps": train.get("steps"), "train_finished": train.get("finished", True),
             "train_wall_s": train.get("wall_s"), "train_device": train.get("device"),

@@ -437,19 +437,26 @@ def export_ema(run_dir: str | os.PathLike, to: str | os.PathLike | None = None, 
 def average_models(folders: list, to: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the uniform average of model folders' UNet weights as a model folder (a "model soup" of
     one training lineage: the EMA models a schedule left behind, averaged over a longer horizon than
-    one run's EMA reaches). The folders must share one architecture; ``averaged.json`` names them."""
+    one run's EMA reaches). The folders must share one architecture and noise schedule, each named
+    once; ``averaged.json`` names them."""
     if len(folders) < 2:
         raise ValueError(f"averaging needs at least two model folders, got {len(folders)}")
+    if len({Path(f).resolve() for f in folders}) < len(folders):
+        raise ValueError(f"a model folder is named twice in {[str(f) for f in folders]}: that is a weighted average")
     target = check_save_target(to, overwrite)
-    def arch(m):                  # the architecture, not where the folder was read from
-        return {k: v for k, v in m.config.items() if not k.startswith("_")}
+
+    def same(a, b):               # configs, not where the folders were read from
+        return {k: v for k, v in a.config.items() if not k.startswith("_")} == \
+            {k: v for k, v in b.config.items() if not k.startswith("_")}
 
     unet, sched = load_model(folders[0])
     states = [unet.state_dict()]
     for f in folders[1:]:
-        other = load_model(f)[0]
-        if arch(other) != arch(unet):
+        other, other_sched = load_model(f)
+        if not same(other, unet):
             raise ValueError(f"{f} is not the architecture of {folders[0]}: only one model's weights can be averaged")
+        if not same(other_sched, sched):
+            raise ValueError(f"{f} has another noise schedule than {folders[0]}: its weights predict other noise")
         states.append(other.state_dict())
     unet.load_state_dict({k: sum(s[k].double() for s in states) / len(states) for k in states[0]})
     return save_model(unet, sched, target, overwrite=overwrite,
