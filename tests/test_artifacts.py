@@ -73,8 +73,6 @@ def test_quality_bar_rule():
 def test_quality_bar_boundary_is_exact():
     """900 of 1,000 confident meets a 90% bar and a class at exactly 15% is inside [5%, 15%]; one fewer
     confident sample, or one more of that class, is not (counted exactly, not through float32 shares)."""
-    from vdu.metrics import class_histogram
-
     class Fixed:                      # an evaluator whose labels and confidences are given
         def __init__(self, pred, conf):
             self.pred, self.conf, self.config = pred, conf, {"num_classes": 10}

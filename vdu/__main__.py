@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="how the card's samples are drawn: ddim (eta 0), ddpm (ancestral) or dpm (DPM-Solver++)")
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="sampler steps for the samples")
     p.add_argument("--nll-images", type=_int_at_least(1), default=256)
-    p.add_argument("--seed-bank", type=_int_at_least(0), default=0, help="which seed bank the samples come from (it also picks the NLL's test images and noise)")
+    p.add_argument("--seed-bank", type=_int_at_least(0), default=0,
+                   help="which seed bank the samples come from (it also picks the NLL's test images and noise)")
     p.add_argument("--notes", default="", help="free text stored in the card (how the run went)")
     from .methods import REGISTRY
     from .unlearning import LoopConfig
@@ -270,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 command=" ".join(["python -m vdu"] + (argv or sys.argv[1:]))), indent=2))
     elif a.cmd == "card":
         from .cards import model_card
-        print(json.dumps(model_card(a.model_dir, a.evaluator, n=a.n, ddim_steps=a.steps, sampler=a.sampler, seed=a.seed_bank,
-                                    nll_images=a.nll_images, notes=a.notes,
+        print(json.dumps(model_card(a.model_dir, a.evaluator, n=a.n, ddim_steps=a.steps, sampler=a.sampler,
+                                    seed=a.seed_bank, nll_images=a.nll_images, notes=a.notes,
                                     command=" ".join(["python -m vdu"] + (argv or sys.argv[1:]))), indent=2))
     elif a.cmd in ("unlearn", "evaluate"):
         return _unlearn_or_evaluate(a, un if a.cmd == "unlearn" else None, ap)
