@@ -175,6 +175,8 @@ ROWS = [
     ("pretrain: cond_drop 1", _pretrain(cond_drop=1.0), ConfigError, r"cond_drop must be in \[0, 1\)"),
     ("pretrain: ema_decay 1", _pretrain(ema_decay=1.0), ConfigError, r"ema_decay must be in \(0, 1\)"),
     ("pretrain: ema_decay 0", _pretrain(ema_decay=0.0), ConfigError, r"ema_decay must be in \(0, 1\)"),
+    ("pretrain: ema_warmup 'no'", _pretrain(ema_warmup="no"), ConfigError, r"ema_warmup must be True or False, got 'no'"),
+    ("pretrain: conditional 1", _pretrain(conditional=1), ConfigError, r"conditional must be True or False, got 1"),
     ("pretrain: lr_final_frac 2", _pretrain(lr_final_frac=2.0), ConfigError, r"lr_final_frac must be in \[0, 1\]"),
     ("pretrain: grad_clip 0", _pretrain(grad_clip=0.0), ConfigError, r"grad_clip must be a number > 0"),
     ("pretrain: weight_decay -1", _pretrain(weight_decay=-1.0), ConfigError, r"weight_decay must be a number >= 0"),
@@ -341,16 +343,30 @@ def half_run(tmp_path_factory, small_data):
 
 
 @pytest.mark.parametrize("field, new", [("lr", 2e-3), ("warmup", 3), ("lr_final_frac", 0.5), ("weight_decay", 0.01),
-                                        ("grad_clip", 0.5), ("ema_decay", 0.99), ("max_train", 128)])
+                                        ("grad_clip", 0.5), ("ema_decay", 0.99), ("ema_warmup", False),
+                                        ("max_train", 128)])
 def test_resume_refuses_a_changed_hyperparameter(half_run, small_data, field, new):
     before = {p.name: p.stat().st_mtime_ns for p in half_run.iterdir()}
     old = getattr(_cfg(half_run), field)
     flag = "--" + field.replace("_", "-")
-    hint = f"{flag} {old}" if old is not None else f"leave out {flag}"
+    hint = (flag if old else f"--no-{field.replace('_', '-')}") if isinstance(old, bool) else \
+        f"{flag} {old}" if old is not None else f"leave out {flag}"
     with pytest.raises(ValueError, match=rf"{field}: recorded {old!r}, now {new!r}.*Resume with the recorded value "
                                          rf"\({field}={old!r}; on the command line: {hint}\).*another --out"):
         pretrain(_cfg(half_run, **{field: new}), data=small_data, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in half_run.iterdir()} == before   # nothing touched
+
+
+def test_resume_compares_a_field_the_recording_run_did_not_have_with_its_default(half_run, small_data, tmp_path):
+    """A run recorded before ``ema_warmup`` existed ran with the EMA warm-up: resuming it without is refused."""
+    run = tmp_path / "old"
+    shutil.copytree(half_run, run)
+    st = torch.load(run / "state.pt", weights_only=False)
+    del st["config"]["ema_warmup"]
+    torch.save(st, run / "state.pt")
+    with pytest.raises(ValueError, match=r"ema_warmup: recorded True, now False.*command line: --ema-warmup\)"):
+        pretrain(_cfg(run, ema_warmup=False), data=small_data, progress=False)
+    assert pretrain(_cfg(run), data=small_data, progress=False).exists()
 
 
 def test_resume_refuses_another_architecture(half_run, small_data):

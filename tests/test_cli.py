@@ -116,7 +116,7 @@ def test_a_cards_pretrain_command_reproduces_the_config(tmp_path, monkeypatch):
     import shlex
     import vdu.training
     from vdu.training import TrainConfig
-    cfg = TrainConfig(dataset="cifar10", steps=14000, lr=5e-4, seed=3, out=str(tmp_path / "run dir"),
+    cfg = TrainConfig(dataset="cifar10", steps=14000, lr=5e-4, seed=3, ema_warmup=False, out=str(tmp_path / "run dir"),
                       model_overrides={"block_out_channels": [32, 64, 128], "layers_per_block": 1,
                                        "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"]})
     got = []

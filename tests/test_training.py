@@ -208,3 +208,30 @@ def test_bf16_on_a_cpu_without_native_bfloat16_warns(tmp_path, small_data, monke
         warnings.simplefilter("always")
         pretrain(_cfg(tmp_path / "run", steps=1, mixed_precision="bf16"), data=small_data, progress=False, device="cpu")
     assert any("without native bfloat16" in str(w.message) for w in caught) == warns
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_follows_its_decay_rule_with_and_without_warmup(tmp_path, small_data, warmup):
+    """The exported EMA is the recursion e_t = d_t e_(t-1) + (1 - d_t) w_t over the raw weights of every step:
+    d_t ramps up as 1 - t^(-3/4) with warm-up; without it (a continuation from a trained model) d_t is the
+    ceiling from the second step on, so the EMA averages over about 1 / (1 - d) steps from the start."""
+    base = pretrain(_cfg(tmp_path / "base"), data=small_data, progress=False)
+    steps, ceiling = 6, 0.9
+    cont = pretrain(_cfg(tmp_path / "cont", init=str(base), steps=steps, lr=1e-2, ema_decay=ceiling,
+                         ema_warmup=warmup, k_snapshots=steps, snapshot_every=1), data=small_data, progress=False)
+    raw = [load_file(f) for f in snapshot_files(tmp_path / "cont")]
+    assert len(raw) == steps
+
+    def recursion(ramp):
+        ema = {k: v.clone() for k, v in raw[0].items()}  # the first update copies the weights (decay 0)
+        for t in range(2, steps + 1):
+            d = min(1 - t ** -0.75, ceiling) if ramp else ceiling
+            ema = {k: d * ema[k] + (1 - d) * raw[t - 1][k] for k in ema}
+        return ema
+
+    got = load_file(cont / "unet" / "diffusion_pytorch_model.safetensors")  # stored as float16
+    close = lambda ema: all(torch.allclose(got[k].float(), ema[k], rtol=2e-3, atol=1e-5) for k in ema)
+    assert close(recursion(warmup)) and not close(recursion(not warmup))
+    with pytest.raises(ValueError, match="--no-ema-warmup" if not warmup else "--ema-warmup"):
+        pretrain(_cfg(tmp_path / "cont", init=str(base), steps=steps + 2, lr=1e-2, ema_decay=ceiling,
+                      ema_warmup=not warmup, k_snapshots=steps, snapshot_every=1), data=small_data, progress=False)

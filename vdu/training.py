@@ -22,7 +22,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -47,7 +47,7 @@ class ConfigError(ValueError):
 
 # Fields a resumed run restores from state.pt (optimiser, LR schedule, EMA) or that decide the
 # architecture or the data: a different value on resume would be ignored or break the run, so it is refused.
-RESUME_FIXED = ("lr", "warmup", "lr_final_frac", "weight_decay", "grad_clip", "ema_decay", "max_train",
+RESUME_FIXED = ("lr", "warmup", "lr_final_frac", "weight_decay", "grad_clip", "ema_decay", "ema_warmup", "max_train",
                 "canaries", "canary_repeat", "model_overrides")
 STATE_KEYS = ("model", "opt", "sched", "ema", "gen", "step", "wall_s", "config")
 
@@ -64,7 +64,8 @@ class TrainConfig:
     lr_final_frac: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ema_decay: float = 0.9995         # EMA ceiling; EMA warm-up (power 3/4) ramps up to it
+    ema_decay: float = 0.9995         # EMA decay: the ceiling the warm-up (power 3/4) ramps up to, or the fixed decay
+    ema_warmup: bool = True           # ramp the EMA decay up from 0 (off: ema_decay from step 2, for continuations)
     seed: int = 0
     checkpoint_every: int = 500       # atomic resumable state every N steps
     log_every: int = 50
@@ -130,6 +131,9 @@ class TrainConfig:
         number("grad_clip", lambda v: v > 0, "a number > 0")
         number("cond_drop", lambda v: 0 <= v < 1, "in [0, 1) (the probability of dropping a label)")
         number("ema_decay", lambda v: 0 < v < 1, "in (0, 1)")
+        for name in ("conditional", "ema_warmup"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "True or False")
         if self.max_train is not None:
             if isinstance(self.max_train, bool) or not isinstance(self.max_train, int) \
                     or self.max_train < self.batch_size:
@@ -218,7 +222,8 @@ def load_state(run_dir: str | os.PathLike) -> tuple[dict | None, Path | None]:
 
 def _check_resume(st: dict, cfg: TrainConfig, state_path: Path) -> None:
     """Refuse to resume with a config the checkpoint cannot honour (see :data:`RESUME_FIXED`)."""
-    rec = st["config"]
+    # a field the recording run's version did not have yet ran at its default
+    rec = {**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}, **st["config"]}
     for k in ("dataset", "conditional", "batch_size", "seed"):
         if rec[k] != getattr(cfg, k):
             raise ValueError(f"{state_path} was made with {k}={rec[k]!r}, not {getattr(cfg, k)!r}: "
@@ -227,8 +232,12 @@ def _check_resume(st: dict, cfg: TrainConfig, state_path: Path) -> None:
     changed = [k for k in RESUME_FIXED if k in rec and norm(rec[k]) != norm(getattr(cfg, k))]
     if changed:
         diffs = "; ".join(f"{k}: recorded {rec[k]!r}, now {getattr(cfg, k)!r}" for k in changed)
-        flags = " ".join(f"--{k.replace('_', '-')} {rec[k]}" if rec[k] is not None else f"leave out --{k.replace('_', '-')}"
-                         for k in changed if k != "model_overrides")
+        def flag(k):
+            name, v = k.replace("_", "-"), rec[k]
+            if isinstance(v, bool):
+                return f"--{name}" if v else f"--no-{name}"
+            return f"--{name} {v}" if v is not None else f"leave out --{name}"
+        flags = " ".join(flag(k) for k in changed if k != "model_overrides")
         raise ValueError(
             f"cannot resume {state_path.parent} with a changed config ({diffs}): a resumed run restores its "
             f"optimiser, LR schedule, EMA and weights from {state_path.name}, so a new value would be ignored or "
@@ -294,7 +303,8 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
     unet.to(device).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup, power=3 / 4,
+                   min_decay=0.0 if cfg.ema_warmup else cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, wall = 0, 0.0
     state_path = out / "state.pt"
@@ -425,7 +435,8 @@ def export_ema(run_dir: str | os.PathLike, to: str | os.PathLike | None = None, 
                          f"(pretrain with the same config) to continue from state.prev.pt and rewrite it, then export")
     cfg = TrainConfig(**st["config"])
     unet = load_model(cfg.init)[0] if cfg.init else build_unet(cfg.dataset, cfg.conditional, **cfg.model_overrides)
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup, power=3 / 4,
+                   min_decay=0.0 if cfg.ema_warmup else cfg.ema_decay)
     ema.load_state_dict(st["ema"])
     ema.copy_to(unet.parameters())
     return save_model(unet, build_scheduler(), target, overwrite=overwrite,
