@@ -220,6 +220,13 @@ def load_state(run_dir: str | os.PathLike) -> tuple[dict | None, Path | None]:
     return st, prev
 
 
+def _ema(unet, cfg: TrainConfig) -> EMAModel:
+    """The EMA of a run: its decay at step t ramps up as 1 - t^(-3/4) to ``ema_decay``, or is ``ema_decay`` from the
+    second step without warm-up (``min_decay``: diffusers' own no-warm-up rule is another ramp)."""
+    return EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup, power=3 / 4,
+                    min_decay=0.0 if cfg.ema_warmup else cfg.ema_decay)
+
+
 def _check_resume(st: dict, cfg: TrainConfig, state_path: Path) -> None:
     """Refuse to resume with a config the checkpoint cannot honour (see :data:`RESUME_FIXED`)."""
     # a field the recording run's version did not have yet ran at its default
@@ -303,8 +310,7 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
     unet.to(device).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup, power=3 / 4,
-                   min_decay=0.0 if cfg.ema_warmup else cfg.ema_decay)
+    ema = _ema(unet, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, wall = 0, 0.0
     state_path = out / "state.pt"
@@ -435,8 +441,7 @@ def export_ema(run_dir: str | os.PathLike, to: str | os.PathLike | None = None, 
                          f"(pretrain with the same config) to continue from state.prev.pt and rewrite it, then export")
     cfg = TrainConfig(**st["config"])
     unet = load_model(cfg.init)[0] if cfg.init else build_unet(cfg.dataset, cfg.conditional, **cfg.model_overrides)
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup, power=3 / 4,
-                   min_decay=0.0 if cfg.ema_warmup else cfg.ema_decay)
+    ema = _ema(unet, cfg)
     ema.load_state_dict(st["ema"])
     ema.copy_to(unet.parameters())
     return save_model(unet, build_scheduler(), target, overwrite=overwrite,
