@@ -235,3 +235,30 @@ def test_ema_follows_its_decay_rule_with_and_without_warmup(tmp_path, small_data
     with pytest.raises(ValueError, match="--no-ema-warmup" if not warmup else "--ema-warmup"):
         pretrain(_cfg(tmp_path / "cont", init=str(base), steps=steps + 2, lr=1e-2, ema_decay=ceiling,
                       ema_warmup=not warmup, k_snapshots=steps, snapshot_every=1), data=small_data, progress=False)
+
+
+def test_min_snr_weighting_turns_down_only_the_nearly_clean_timesteps(tmp_path, small_data):
+    from vdu.models import build_scheduler
+    from vdu.training import ConfigError, timestep_loss_weights
+    sched = build_scheduler()
+    abar = sched.alphas_cumprod.double()
+    snr = abar / (1 - abar)
+    w = timestep_loss_weights(sched, "min-snr", 5.0).double()
+    assert torch.allclose(w, torch.minimum(snr, torch.tensor(5.0)) / snr, rtol=1e-5)
+    assert (w[snr <= 5] == 1).all() and (w[snr > 5] < 1).all() and w[0] < 1e-3   # t = 1 nearly ignored
+    assert torch.equal(timestep_loss_weights(sched), torch.ones(len(abar)))
+    with pytest.raises(ValueError, match="weighting"):
+        timestep_loss_weights(sched, "p2")
+
+    def losses(name, **kw):
+        pretrain(_cfg(tmp_path / name, steps=3, **kw), data=small_data, progress=False, device="cpu")
+        return [json.loads(line)["loss"] for line in open(tmp_path / name / "log.jsonl")]
+    plain = losses("simple")
+    assert losses("huge-gamma", loss_weighting="min-snr", snr_gamma=1e12) == pytest.approx(plain, rel=1e-6)
+    weighted = losses("min-snr", loss_weighting="min-snr", snr_gamma=0.01)     # every timestep turned down
+    assert all(a < 0.5 * b for a, b in zip(weighted, plain)), (weighted, plain)
+    with pytest.raises(ValueError, match="loss_weighting"):                      # a resume keeps its weighting
+        pretrain(_cfg(tmp_path / "min-snr", steps=5), data=small_data, progress=False)
+    for bad in (dict(loss_weighting="p2"), dict(snr_gamma=0), dict(snr_gamma=float("nan"))):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            pretrain(_cfg(tmp_path / "bad", **bad), data=small_data, progress=False)

@@ -48,7 +48,8 @@ class ConfigError(ValueError):
 # Fields a resumed run restores from state.pt (optimiser, LR schedule, EMA) or that decide the
 # architecture or the data: a different value on resume would be ignored or break the run, so it is refused.
 RESUME_FIXED = ("lr", "warmup", "lr_final_frac", "weight_decay", "grad_clip", "ema_decay", "ema_warmup", "max_train",
-                "canaries", "canary_repeat", "model_overrides")
+                "canaries", "canary_repeat", "model_overrides", "loss_weighting", "snr_gamma")
+LOSS_WEIGHTINGS = ("simple", "min-snr")
 STATE_KEYS = ("model", "opt", "sched", "ema", "gen", "step", "wall_s", "config")
 
 
@@ -82,6 +83,8 @@ class TrainConfig:
     mixed_precision: str = "no"       # "no" | "bf16": autocast of the forward pass (torch.autocast)
     grad_accum: int = 1               # micro-batches per step: each process's share of the batch is split into this
                                       # many chunks whose gradients add up (the same step in less memory)
+    loss_weighting: str = "simple"    # "simple": L_simple; "min-snr": each image's error times min(SNR_t, snr_gamma) / SNR_t
+    snr_gamma: float = 5.0            # the SNR above which "min-snr" down-weights a timestep (Hang et al., 2023)
 
     def command(self) -> str:
         """The ``python -m vdu pretrain`` command line that reproduces this config."""
@@ -140,6 +143,9 @@ class TrainConfig:
                 bad("max_train", f"None (all training images) or an integer >= batch_size ({self.batch_size})")
         if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
             bad("out", "a folder path")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            bad("loss_weighting", " or ".join(f'"{w}"' for w in LOSS_WEIGHTINGS))
+        number("snr_gamma", lambda v: v > 0, "a number > 0")
         if self.mixed_precision not in ("no", "bf16"):
             bad("mixed_precision", '"no" or "bf16"')
         if not isinstance(self.model_overrides, dict):
@@ -153,6 +159,22 @@ class TrainConfig:
     def snapshot_steps(self) -> list[int]:
         first = self.steps - (self.k_snapshots - 1) * self.snapshot_every
         return [s for s in range(first, self.steps + 1, self.snapshot_every) if s > 0][: self.k_snapshots]
+
+
+def timestep_loss_weights(scheduler, weighting: str = "simple", snr_gamma: float = 5.0) -> torch.Tensor:
+    """The weight of each 0-based timestep's noise-prediction error in the training loss: ones (L_simple), or
+    Min-SNR-gamma's ``min(SNR_t, gamma) / SNR_t`` for an epsilon-predicting model (Hang et al., 2023): it leaves the
+    noisy timesteps (SNR <= gamma) at 1 and caps the clean-image weight SNR_t that L_simple gives the nearly clean
+    ones (docs/mathematics.md §0). A run's logged loss is the weighted one."""
+    from diffusers.training_utils import compute_snr
+
+    T = scheduler.config.num_train_timesteps
+    if weighting == "simple":
+        return torch.ones(T)
+    if weighting != "min-snr":
+        raise ValueError(f"weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+    snr = compute_snr(scheduler, torch.arange(T)).double()
+    return (snr.clamp(max=snr_gamma) / snr).float()
 
 
 def _lr_lambda(cfg: TrainConfig):
@@ -308,6 +330,7 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
         torch.manual_seed(cfg.seed)
         unet = build_unet(cfg.dataset, cfg.conditional, **cfg.model_overrides)
     unet.to(device).train()
+    t_weight = timestep_loss_weights(scheduler, cfg.loss_weighting, cfg.snr_gamma).to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     ema = _ema(unet, cfg)
@@ -374,8 +397,9 @@ def pretrain(cfg: TrainConfig, data: ImageData | None = None, until: int | None 
             sync = acc.no_sync(model) if acc and j < len(chunks) - 1 else contextlib.nullcontext()
             with sync:
                 with torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
-                    part = noise_prediction_error(model, scheduler, x0[c], None if labels is None else labels[c],
-                                                  t=t[c], eps=eps[c])[0].mean(1).mean() * (len(c) / len(x0))
+                    err, tc = noise_prediction_error(model, scheduler, x0[c], None if labels is None else labels[c],
+                                                     t=t[c], eps=eps[c])
+                    part = (err.mean(1) * t_weight[tc]).mean() * (len(c) / len(x0))
                 part.backward()
             loss = loss + part.detach()
         if acc:
