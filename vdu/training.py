@@ -165,7 +165,8 @@ def timestep_loss_weights(scheduler, weighting: str = "simple", snr_gamma: float
     """The weight of each 0-based timestep's noise-prediction error in the training loss: ones (L_simple), or
     Min-SNR-gamma's ``min(SNR_t, gamma) / SNR_t`` for an epsilon-predicting model (Hang et al., 2023): it leaves the
     noisy timesteps (SNR <= gamma) at 1 and caps the clean-image weight SNR_t that L_simple gives the nearly clean
-    ones (docs/mathematics.md §0). A run's logged loss is the weighted one."""
+    ones (docs/mathematics.md §0). A run's logged loss is the weighted one. (These weight pretraining's loss;
+    :func:`vdu.diffusion.timestep_weights` are the weights C_t inside VDU's objective.)"""
     from diffusers.training_utils import compute_snr
 
     T = scheduler.config.num_train_timesteps
